@@ -1,0 +1,118 @@
+"""The loaded model: one diffusers pipeline, loaded once, run per request.
+
+Per request the engine builds a lightweight pipeline object around the shared, already loaded
+components (UNet, VAE, text encoders, tokenizers) with a fresh scheduler, so no request changes
+state another one sees, and no weights are copied.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import diffusers
+import torch
+from diffusers import DiffusionPipeline
+from PIL import Image
+
+from sdcog.families import ModelFamily, detect_family
+from sdcog.request import GenerationRequest, ModelLimits
+from sdcog.schedulers import build_scheduler
+from sdcog.weights import WeightsInfo, inspect_weights
+
+log = logging.getLogger(__name__)
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """Half precision on the GPU; float32 on the CPU, where half precision is slow or unsupported."""
+    return torch.float16 if device.type == "cuda" else torch.float32
+
+
+def seeded_generators(seeds: list[int]) -> list[torch.Generator]:
+    """One CPU generator per image: the same seed gives the same noise on any device."""
+    return [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
+
+
+@dataclass
+class Engine:
+    pipeline: DiffusionPipeline
+    family: ModelFamily
+    weights: WeightsInfo
+    device: torch.device
+
+    @classmethod
+    def load(cls, directory: Path, device: torch.device | None = None) -> Engine:
+        """Load the pipeline in `directory` offline, onto `device` (the GPU when there is one)."""
+        started = time.perf_counter()
+        weights = inspect_weights(directory)
+        family = detect_family(directory)
+        device = device or default_device()
+        pipeline_class = getattr(diffusers, family.pipeline_class)
+        pipeline = pipeline_class.from_pretrained(
+            directory,
+            local_files_only=True,
+            use_safetensors=True,
+            torch_dtype=default_dtype(device),
+            variant=weights.variant,
+        )
+        pipeline.to(device)
+        pipeline.set_progress_bar_config(disable=True)
+        engine = cls(pipeline=pipeline, family=family, weights=weights, device=device)
+        limits = engine.limits
+        log.info(
+            "loaded %s (%s, native %dx%d) from %s on %s in %.1f s",
+            weights.name,
+            family.label,
+            limits.native_width,
+            limits.native_height,
+            directory,
+            device,
+            time.perf_counter() - started,
+        )
+        return engine
+
+    @property
+    def limits(self) -> ModelLimits:
+        sample_size = self.pipeline.unet.config.sample_size
+        height, width = (sample_size, sample_size) if isinstance(sample_size, int) else sample_size
+        scale = self.pipeline.vae_scale_factor
+        return ModelLimits(family=self.family, native_width=width * scale, native_height=height * scale)
+
+    def _pipeline_for(self, request: GenerationRequest) -> DiffusionPipeline:
+        """A pipeline around the shared components with this request's own scheduler."""
+        pipeline = self.pipeline
+        components = dict(pipeline.components)
+        components["scheduler"] = build_scheduler(request.scheduler, pipeline.scheduler.config)
+        parameters = inspect.signature(type(pipeline).__init__).parameters
+        # Constructor settings that are config values, not modules (requires_safety_checker,
+        # force_zeros_for_empty_prompt, ...), carried over from the loaded pipeline.
+        settings = {
+            name: pipeline.config[name]
+            for name in parameters
+            if name not in components and name in pipeline.config
+        }
+        per_request = type(pipeline)(**components, **settings)
+        per_request.set_progress_bar_config(disable=True)
+        return per_request
+
+    def text_to_image(self, request: GenerationRequest) -> list[Image.Image]:
+        pipeline = self._pipeline_for(request)
+        result = pipeline(
+            prompt=request.prompt,
+            negative_prompt=request.negative_prompt or None,
+            width=request.width,
+            height=request.height,
+            num_inference_steps=request.num_inference_steps,
+            guidance_scale=request.guidance_scale,
+            num_images_per_prompt=request.num_outputs,
+            generator=seeded_generators(request.seeds),
+            output_type="pil",
+        )
+        return list(result.images)

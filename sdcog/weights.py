@@ -1,0 +1,151 @@
+"""Where the weights are, how to fetch them, and checks before loading.
+
+The model serves one diffusers-format pipeline directory (safetensors only):
+- the directory named by the environment variable MODEL_WEIGHTS, when it is set;
+- else `weights/` in the project root, which `script/download-weights MODEL_ID` fills.
+
+Loading is always offline (`local_files_only`): the container never reaches the hub at boot.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_WEIGHTS_DIR = PROJECT_ROOT / "weights"
+WEIGHTS_ENV = "MODEL_WEIGHTS"
+DEFAULT_MODEL_ID = "stabilityai/stable-diffusion-xl-base-1.0"
+SOURCE_FILE = "sdcog-source.json"
+"""Written by `download_pipeline` next to model_index.json: where the weights came from."""
+
+FP16_VARIANT = "fp16"
+_WEIGHTS_SUFFIX = ".safetensors"
+_UNSAFE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
+
+
+class WeightsError(RuntimeError):
+    """The weights are missing or unusable; the message says what to run."""
+
+
+@dataclass(frozen=True)
+class WeightsInfo:
+    directory: Path
+    name: str
+    """A short model name for metadata: the hub id it came from, else the directory name."""
+    variant: str | None
+    """"fp16" when the directory holds fp16 variant files (`*.fp16.safetensors`)."""
+
+
+def resolve_weights_dir(environ: Mapping[str, str] = os.environ) -> Path:
+    """The pipeline directory to load: MODEL_WEIGHTS if set, else weights/."""
+    configured = environ.get(WEIGHTS_ENV, "").strip()
+    if configured:
+        directory = Path(configured).expanduser()
+        if not (directory / "model_index.json").is_file():
+            raise WeightsError(
+                f"{WEIGHTS_ENV}={configured} is not a diffusers pipeline directory "
+                f"(no {directory / 'model_index.json'}). Point {WEIGHTS_ENV} at one, or unset it and "
+                f"run `script/download-weights {DEFAULT_MODEL_ID}` to fill weights/."
+            )
+        return directory
+    if (DEFAULT_WEIGHTS_DIR / "model_index.json").is_file():
+        return DEFAULT_WEIGHTS_DIR
+    raise WeightsError(
+        f"No model weights: {DEFAULT_WEIGHTS_DIR} holds no model_index.json and {WEIGHTS_ENV} is not "
+        f"set. Run `script/download-weights {DEFAULT_MODEL_ID}` (or another diffusers Stable "
+        f"Diffusion repo id), or set {WEIGHTS_ENV}=/path/to/a/diffusers/pipeline "
+        "(`script/make-random-pipeline tiny-sd15 DIR` makes a tiny random-weight one for trying things)."
+    )
+
+
+def _components(model_index: Mapping[str, object]) -> list[str]:
+    """Component folders model_index.json names (like "unet": ["diffusers", "UNet2DConditionModel"])."""
+    return [
+        name
+        for name, value in model_index.items()
+        if not name.startswith("_") and isinstance(value, list) and value and value[0] is not None
+    ]
+
+
+def _has_weights(component: str) -> bool:
+    return not (component.startswith("tokenizer") or component in {"scheduler", "feature_extractor"})
+
+
+def inspect_weights(directory: Path) -> WeightsInfo:
+    """Check that `directory` is a complete safetensors pipeline; raise WeightsError naming what is wrong."""
+    index_path = directory / "model_index.json"
+    try:
+        model_index = json.loads(index_path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as error:
+        raise WeightsError(f"cannot read {index_path}: {error}") from error
+    fix = f"re-run `script/download-weights` or point {WEIGHTS_ENV} at a complete pipeline"
+    for component in _components(model_index):
+        folder = directory / component
+        if not folder.is_dir():
+            raise WeightsError(f"{folder} is missing (model_index.json names it); {fix}")
+        if not _has_weights(component):
+            continue
+        if not any(path.name.endswith(_WEIGHTS_SUFFIX) for path in folder.iterdir()):
+            unsafe = sorted(path.name for path in folder.iterdir() if path.suffix in _UNSAFE_SUFFIXES)
+            detail = f" (only {', '.join(unsafe)}: pickle files are never loaded)" if unsafe else ""
+            raise WeightsError(f"{folder} has no .safetensors weights{detail}; {fix}")
+    variant = FP16_VARIANT if any(directory.glob(f"*/*.{FP16_VARIANT}{_WEIGHTS_SUFFIX}")) else None
+    source_path = directory / SOURCE_FILE
+    name = directory.resolve().name
+    if source_path.is_file():
+        name = json.loads(source_path.read_text(encoding="utf-8")).get("model_id", name)
+    return WeightsInfo(directory=directory, name=name, variant=variant)
+
+
+def _weight_files(component: str, files: list[str], variant: str | None) -> list[str]:
+    """One component's safetensors files in the repo listing, of the given variant (None: full precision)."""
+    suffix = f".{variant}{_WEIGHTS_SUFFIX}" if variant else _WEIGHTS_SUFFIX
+    return [
+        name
+        for name in files
+        if name.startswith(f"{component}/") and name.endswith(suffix) and (variant or name.count(".") == 1)
+    ]
+
+
+def download_pipeline(
+    model_id: str,
+    destination: Path = DEFAULT_WEIGHTS_DIR,
+    revision: str | None = None,
+    token: str | None = None,
+) -> Path:
+    """Fetch a diffusers Stable Diffusion pipeline from the Hugging Face hub into `destination`.
+
+    Only what loading needs is fetched: configs, tokenizer files and one safetensors set per
+    component (the fp16 variant when every weighted component has one, else full precision).
+    Pickle weights, single-file checkpoints, ONNX and Flax files are skipped.
+    """
+    from huggingface_hub import HfApi, snapshot_download
+
+    api = HfApi(token=token)
+    info = api.model_info(model_id, revision=revision, files_metadata=False)
+    files = [sibling.rfilename for sibling in info.siblings or []]
+    if "model_index.json" not in files:
+        raise WeightsError(f"{model_id} has no model_index.json: it is not a diffusers pipeline repo")
+    index_file = api.hf_hub_download(model_id, "model_index.json", revision=info.sha)
+    components = _components(json.loads(Path(index_file).read_text(encoding="utf-8")))
+    weighted = [component for component in components if _has_weights(component)]
+    variant = FP16_VARIANT if all(_weight_files(c, files, FP16_VARIANT) for c in weighted) else None
+    patterns = ["model_index.json"]
+    for component in components:
+        patterns += [f"{component}/*.json", f"{component}/*.txt"]
+    for component in weighted:
+        chosen = _weight_files(component, files, variant)
+        if not chosen:
+            raise WeightsError(f"{model_id}: component {component} has no .safetensors weights")
+        patterns += chosen
+    destination.mkdir(parents=True, exist_ok=True)
+    snapshot_download(
+        model_id, revision=info.sha, local_dir=destination, allow_patterns=patterns, token=token
+    )
+    source = {"model_id": model_id, "revision": info.sha, "variant": variant}
+    (destination / SOURCE_FILE).write_text(json.dumps(source, indent=2) + "\n", encoding="utf-8")
+    return destination

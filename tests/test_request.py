@@ -1,0 +1,121 @@
+"""Request resolution: defaults from the model family, and field-named refusals before any work."""
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from sdcog.families import SD1, SDXL
+from sdcog.request import SEED_MAX, InputError, ModelLimits, resolve_request
+from sdcog.schedulers import SCHEDULER_NAMES
+
+SD15 = ModelLimits(family=SD1, native_width=512, native_height=512)
+XL = ModelLimits(family=SDXL, native_width=1024, native_height=1024)
+
+
+def test_defaults_come_from_the_model_family():
+    sd = resolve_request(SD15, prompt="a cat", seed=1)
+    xl = resolve_request(XL, prompt="a cat", seed=1)
+    assert (sd.width, sd.height, sd.guidance_scale) == (512, 512, 7.5)
+    assert (xl.width, xl.height, xl.guidance_scale) == (1024, 1024, 7.0)
+    assert sd.num_inference_steps == SD1.default_steps
+    assert (sd.num_outputs, sd.scheduler, sd.output_format) == (1, "DPM++ 2M Karras", "webp")
+
+
+def test_one_size_given_keeps_the_native_other_side():
+    request = resolve_request(SD15, prompt="a cat", width=768)
+    assert (request.width, request.height) == (768, 512)
+
+
+def test_image_i_uses_seed_plus_i():
+    assert resolve_request(SD15, prompt="x", seed=41, num_outputs=3).seeds == [41, 42, 43]
+
+
+def test_missing_seed_is_drawn_from_the_32_bit_range():
+    seeds = {resolve_request(SD15, prompt="x").seed for _ in range(50)}
+    assert len(seeds) > 45
+    assert all(0 <= seed <= SEED_MAX for seed in seeds)
+    assert max(seeds) > 2**16  # drawn from the full range, not a small one
+
+
+def test_empty_negative_prompt_means_none():
+    assert resolve_request(SD15, prompt="x", negative_prompt=None).negative_prompt == ""
+
+
+@pytest.mark.parametrize(
+    ("inputs", "field", "fragment"),
+    [
+        ({"width": 100}, "width", "multiple of 8"),
+        ({"height": 516}, "height", "multiple of 8"),
+        ({"width": 32}, "width", "between 64 and 2048"),
+        ({"num_outputs": 99}, "num_outputs", "between 1 and 4"),
+        ({"num_outputs": 0}, "num_outputs", "between 1 and 4"),
+        ({"num_inference_steps": 0}, "num_inference_steps", "between 1 and 500"),
+        ({"guidance_scale": -1.0}, "guidance_scale", "between 0.0 and 30.0"),
+        ({"scheduler": "Euler-ish"}, "scheduler", "must be one of"),
+        ({"output_format": "gif"}, "output_format", "must be one of"),
+        ({"output_quality": 0}, "output_quality", "between 1 and 100"),
+        ({"seed": -5}, "seed", "between 0 and"),
+        ({"seed": 2**40}, "seed", "between 0 and"),
+        ({"width": "512"}, "width", "an integer"),
+        ({"num_outputs": 2.5}, "num_outputs", "an integer"),
+        ({"num_outputs": True}, "num_outputs", "an integer"),
+        ({"guidance_scale": "high"}, "guidance_scale", "a number"),
+        ({"prompt": 42}, "prompt", "a string"),
+    ],
+)
+def test_bad_input_is_refused_naming_the_field(inputs, field, fragment):
+    arguments = {"prompt": "a cat", **inputs}
+    with pytest.raises(InputError) as refusal:
+        resolve_request(SD15, **arguments)
+    assert refusal.value.field == field
+    assert str(refusal.value).startswith(f"{field}: ")
+    assert fragment in str(refusal.value)
+
+
+def test_pixel_budget_is_per_family_and_counts_outputs():
+    resolve_request(XL, prompt="x", width=1536, height=1536, num_outputs=4)  # fits SDXL's budget
+    with pytest.raises(InputError, match="budget of Stable Diffusion 1.x") as refusal:
+        resolve_request(SD15, prompt="x", width=1536, height=1536, num_outputs=4)
+    assert "num_outputs" in refusal.value.field
+    resolve_request(SD15, prompt="x", width=1536, height=1536, num_outputs=1)
+    with pytest.raises(InputError, match="smaller size or fewer outputs"):
+        resolve_request(XL, prompt="x", width=2048, height=2048, num_outputs=4)
+
+
+@given(
+    width=st.integers(8, 256).map(lambda n: n * 8),
+    height=st.integers(8, 256).map(lambda n: n * 8),
+    num_outputs=st.integers(1, 4),
+    steps=st.integers(1, 500),
+    guidance=st.floats(0, 30),
+    scheduler=st.sampled_from(SCHEDULER_NAMES),
+    seed=st.none() | st.integers(0, SEED_MAX),
+)
+def test_valid_inputs_resolve_or_fail_only_on_the_budget(
+    width, height, num_outputs, steps, guidance, scheduler, seed
+):
+    arguments = dict(
+        prompt="p",
+        width=width,
+        height=height,
+        num_outputs=num_outputs,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        scheduler=scheduler,
+        seed=seed,
+    )
+    if width * height * num_outputs > SD1.pixel_budget:
+        with pytest.raises(InputError):
+            resolve_request(SD15, **arguments)
+        return
+    request = resolve_request(SD15, **arguments)
+    assert (request.width, request.height, request.num_outputs) == (width, height, num_outputs)
+    assert len(request.seeds) == num_outputs
+    if seed is not None:
+        assert request.seed == seed
+
+
+@given(width=st.integers(64, 2048).filter(lambda n: n % 8))
+def test_every_width_off_the_grid_is_refused(width):
+    with pytest.raises(InputError, match="^width: must be a multiple of 8"):
+        resolve_request(SD15, prompt="p", width=width)
