@@ -15,6 +15,7 @@ from pathlib import Path
 
 import diffusers
 import torch
+import transformers
 from diffusers import DiffusionPipeline
 from PIL import Image
 
@@ -51,6 +52,9 @@ class Engine:
     def load(cls, directory: Path, device: torch.device | None = None) -> Engine:
         """Load the pipeline in `directory` offline, onto `device` (the GPU when there is one)."""
         started = time.perf_counter()
+        # Per-component progress bars only clutter the setup logs.
+        diffusers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.disable_progress_bar()
         weights = inspect_weights(directory)
         family = detect_family(directory)
         device = device or default_device()
@@ -59,7 +63,7 @@ class Engine:
             directory,
             local_files_only=True,
             use_safetensors=True,
-            torch_dtype=default_dtype(device),
+            dtype=default_dtype(device),
             variant=weights.variant,
         )
         pipeline.to(device)

@@ -1,0 +1,349 @@
+"""Stable Diffusion pipelines with the real architectures and random weights, built offline.
+
+Nothing here downloads anything: the CLIP tokenizer is made from scratch too (the byte-level
+alphabet plus BPE merges trained on a small English word list, so common words are one token).
+The pipelines are saved in diffusers format with safetensors, so the project's real loading code
+(`from_pretrained(..., local_files_only=True)`) runs on them in tests, benchmarks and demos.
+Their images are noise: they prove the mechanics, not the quality.
+
+    script/make-random-pipeline tiny-sd15 .cache/tiny-sd15
+    script/make-random-pipeline sdxl-real-arch /tmp/sdxl --fp16   # real size: for GPU benchmarks
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DiffusionPipeline,
+    EulerDiscreteScheduler,
+    PNDMScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+MAX_TOKENS = 77
+REAL_VOCAB_SIZE = 49408  # CLIP's vocabulary size, for the real-size text encoders
+
+WORDS = """
+a an the of on in with and at to by for from over under near behind big small large tiny
+red green blue yellow orange purple pink white black gray grey brown cyan magenta gold silver
+circle square triangle star ring cross heart rectangle oval diamond hexagon line dot shape
+background foreground photo picture painting drawing render portrait landscape image
+cat dog horse astronaut mars moon sun sky sea mountain tree flower house city street car
+riding standing sitting flying light dark bright colorful detailed high quality blurry
+""".split()
+
+# The scheduler configs the real checkpoints ship (SD 1.5 and SDXL base 1.0).
+SD15_SCHEDULER = {
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "set_alpha_to_one": False,
+    "clip_sample": False,
+    "prediction_type": "epsilon",
+}
+SDXL_SCHEDULER = {
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+    "interpolation_type": "linear",
+    "use_karras_sigmas": False,
+    "prediction_type": "epsilon",
+}
+
+
+def _bytes_to_unicode() -> list[str]:
+    """CLIP's byte-level alphabet: one printable character per byte value (as in GPT-2/CLIP)."""
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
+    characters = printable[:]
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            characters.append(256 + extra)
+            extra += 1
+    return [chr(code) for code in characters]
+
+
+@lru_cache(maxsize=1)
+def _vocab_and_merges() -> tuple[dict[str, int], list[str]]:
+    """A CLIP BPE vocabulary: the 512 base symbols, merges trained on WORDS, and the two specials."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    alphabet = _bytes_to_unicode()
+    bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
+    bpe.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.BpeTrainer(
+        vocab_size=4096,
+        min_frequency=1,
+        show_progress=False,
+        end_of_word_suffix="</w>",
+        initial_alphabet=alphabet,
+    )
+    bpe.train_from_iterator(WORDS, trainer)
+    model = json.loads(bpe.to_str())["model"]
+    vocab: dict[str, int] = {}
+    for symbol in [*alphabet, *(f"{char}</w>" for char in alphabet)]:
+        vocab[symbol] = len(vocab)
+    merges = [merge if isinstance(merge, str) else " ".join(merge) for merge in model["merges"]]
+    for merge in merges:
+        vocab.setdefault(merge.replace(" ", ""), len(vocab))
+    vocab[BOS], vocab[EOS] = len(vocab), len(vocab) + 1
+    return vocab, merges
+
+
+def make_tokenizer(pad_token: str = EOS) -> CLIPTokenizer:
+    """An offline CLIP tokenizer (77 tokens; SDXL's second tokenizer pads with "!")."""
+    vocab, merges = _vocab_and_merges()
+    with tempfile.TemporaryDirectory() as scratch:
+        vocab_file, merges_file = Path(scratch, "vocab.json"), Path(scratch, "merges.txt")
+        vocab_file.write_text(json.dumps(vocab), encoding="utf-8")
+        merges_file.write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+        return CLIPTokenizer(
+            str(vocab_file), str(merges_file), model_max_length=MAX_TOKENS, pad_token=pad_token
+        )
+
+
+def _text_config(tokenizer: CLIPTokenizer, vocab_size: int | None, **sizes: Any) -> CLIPTextConfig:
+    return CLIPTextConfig(
+        vocab_size=vocab_size or len(tokenizer),
+        max_position_embeddings=MAX_TOKENS,
+        bos_token_id=tokenizer.convert_tokens_to_ids(BOS),
+        eos_token_id=tokenizer.convert_tokens_to_ids(EOS),
+        pad_token_id=tokenizer.convert_tokens_to_ids(tokenizer.pad_token),
+        **sizes,
+    )
+
+
+def _vae(block_out_channels: tuple[int, ...], norm_num_groups: int, **extra: Any) -> AutoencoderKL:
+    """Four blocks, so the VAE downsamples by 8 as the real one does."""
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D"] * 4,
+        up_block_types=["UpDecoderBlock2D"] * 4,
+        block_out_channels=block_out_channels,
+        latent_channels=4,
+        norm_num_groups=norm_num_groups,
+        **extra,
+    )
+
+
+@dataclass(frozen=True)
+class Preset:
+    description: str
+    build: Callable[[], DiffusionPipeline]
+
+
+def _tiny_sd15() -> DiffusionPipeline:
+    tokenizer = make_tokenizer()
+    text = _text_config(
+        tokenizer, None, hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2
+    )
+    return StableDiffusionPipeline(
+        unet=UNet2DConditionModel(
+            sample_size=16,
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            cross_attention_dim=32,
+            attention_head_dim=8,
+            norm_num_groups=32,
+        ),
+        vae=_vae((8, 16, 32, 32), norm_num_groups=8, sample_size=128),
+        text_encoder=CLIPTextModel(text),
+        tokenizer=tokenizer,
+        scheduler=PNDMScheduler.from_config(SD15_SCHEDULER),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def _tiny_sdxl() -> DiffusionPipeline:
+    tokenizer, tokenizer_2 = make_tokenizer(), make_tokenizer(pad_token="!")
+    sizes = dict(
+        hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, projection_dim=32
+    )
+    time_embed_dim = 8
+    return StableDiffusionXLPipeline(
+        unet=UNet2DConditionModel(
+            sample_size=16,
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            attention_head_dim=(2, 4),
+            use_linear_projection=True,
+            transformer_layers_per_block=(1, 2),
+            cross_attention_dim=64,  # both text encoders' hidden states, concatenated
+            addition_embed_type="text_time",
+            addition_time_embed_dim=time_embed_dim,
+            # six micro-conditioning numbers (sizes, crop) embedded, plus the pooled text embedding
+            projection_class_embeddings_input_dim=6 * time_embed_dim + sizes["projection_dim"],
+            norm_num_groups=32,
+        ),
+        vae=_vae((8, 16, 32, 32), norm_num_groups=8, sample_size=128, force_upcast=True),
+        text_encoder=CLIPTextModel(_text_config(tokenizer, None, **sizes)),
+        text_encoder_2=CLIPTextModelWithProjection(_text_config(tokenizer_2, None, **sizes)),
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        scheduler=EulerDiscreteScheduler.from_config(SDXL_SCHEDULER),
+    )
+
+
+def _clip_vit_l(tokenizer: CLIPTokenizer) -> CLIPTextConfig:
+    return _text_config(
+        tokenizer,
+        REAL_VOCAB_SIZE,
+        hidden_size=768,
+        intermediate_size=3072,
+        num_attention_heads=12,
+        num_hidden_layers=12,
+        projection_dim=768,
+        hidden_act="quick_gelu",
+    )
+
+
+def _sd15_real_arch() -> DiffusionPipeline:
+    tokenizer = make_tokenizer()
+    return StableDiffusionPipeline(
+        unet=UNet2DConditionModel(
+            sample_size=64,
+            block_out_channels=(320, 640, 1280, 1280),
+            layers_per_block=2,
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+            cross_attention_dim=768,
+            attention_head_dim=8,
+        ),
+        vae=_vae((128, 256, 512, 512), norm_num_groups=32, layers_per_block=2, sample_size=512),
+        text_encoder=CLIPTextModel(_clip_vit_l(tokenizer)),
+        tokenizer=tokenizer,
+        scheduler=PNDMScheduler.from_config(SD15_SCHEDULER),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def _sdxl_real_arch() -> DiffusionPipeline:
+    tokenizer, tokenizer_2 = make_tokenizer(), make_tokenizer(pad_token="!")
+    open_clip_big_g = _text_config(
+        tokenizer_2,
+        REAL_VOCAB_SIZE,
+        hidden_size=1280,
+        intermediate_size=5120,
+        num_attention_heads=20,
+        num_hidden_layers=32,
+        projection_dim=1280,
+        hidden_act="gelu",
+    )
+    return StableDiffusionXLPipeline(
+        unet=UNet2DConditionModel(
+            sample_size=128,
+            block_out_channels=(320, 640, 1280),
+            layers_per_block=2,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            transformer_layers_per_block=(1, 2, 10),
+            attention_head_dim=(5, 10, 20),
+            use_linear_projection=True,
+            cross_attention_dim=2048,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=256,
+            projection_class_embeddings_input_dim=2816,
+        ),
+        vae=_vae(
+            (128, 256, 512, 512),
+            norm_num_groups=32,
+            layers_per_block=2,
+            sample_size=1024,
+            scaling_factor=0.13025,
+            force_upcast=True,
+        ),
+        text_encoder=CLIPTextModel(_clip_vit_l(tokenizer)),
+        text_encoder_2=CLIPTextModelWithProjection(open_clip_big_g),
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        scheduler=EulerDiscreteScheduler.from_config(SDXL_SCHEDULER),
+    )
+
+
+PRESETS: dict[str, Preset] = {
+    "tiny-sd15": Preset("SD 1.x architecture, tiny (UNet 32/64 channels, 2-layer CLIP)", _tiny_sd15),
+    "tiny-sdxl": Preset("SDXL architecture, tiny (two 2-layer CLIP encoders, text_time UNet)", _tiny_sdxl),
+    "sd15-real-arch": Preset("SD 1.5 UNet/VAE/CLIP ViT-L at full size (~1.1 B parameters)", _sd15_real_arch),
+    "sdxl-real-arch": Preset(
+        "SDXL base 1.0 UNet/VAE/CLIP-L/bigG at full size (~3.5 B parameters)", _sdxl_real_arch
+    ),
+}
+
+README = """# Random-weight pipeline: {preset}
+
+{description}, built by `sdcog.random_pipelines` with seed {seed}.
+The weights are random: **its images are noise**. It exists to exercise loading and serving
+code (and, at real size, to measure speed) without downloading a model.
+"""
+
+
+def build_pipeline(preset: str, seed: int = 0) -> DiffusionPipeline:
+    """The preset's pipeline with weights drawn from `seed` (the same seed gives the same weights)."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return PRESETS[preset].build()
+
+
+def save_pipeline(preset: str, out_dir: Path, seed: int = 0, dtype: torch.dtype = torch.float32) -> Path:
+    """Build `preset` and save it to `out_dir` in diffusers format (safetensors only)."""
+    out_dir = Path(out_dir)
+    pipeline = build_pipeline(preset, seed)
+    if dtype != torch.float32:
+        pipeline.to(dtype=dtype)
+    pipeline.save_pretrained(out_dir, safe_serialization=True)
+    description = PRESETS[preset].description
+    (out_dir / "README.md").write_text(README.format(preset=preset, description=description, seed=seed))
+    return out_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="script/make-random-pipeline", description=__doc__.split("\n\n")[0])
+    parser.add_argument("preset", choices=sorted(PRESETS))
+    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--fp16", action="store_true", help="save in float16 (real-size presets)")
+    args = parser.parse_args(argv)
+    dtype = torch.float16 if args.fp16 else torch.float32
+    print(save_pipeline(args.preset, args.out_dir, seed=args.seed, dtype=dtype))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
