@@ -1,0 +1,158 @@
+"""The generated OpenAPI schema: complete, in Cog's format, and in step with predict.py and the rules."""
+
+import inspect
+import json
+import textwrap
+import typing
+
+import pytest
+from cog.input import FieldInfo
+
+import predict
+from sdcog import request as rules
+from sdcog.cog_schema import build_schema, load_predictor_info, main, write_schema
+from sdcog.schedulers import DEFAULT_SCHEDULER, SCHEDULER_NAMES
+
+
+@pytest.fixture(scope="module")
+def schema():
+    return build_schema(load_predictor_info("predict.py:Predictor"))
+
+
+def input_properties(schema):
+    return schema["components"]["schemas"]["Input"]["properties"]
+
+
+def signature_inputs():
+    parameters = list(inspect.signature(predict.Predictor.predict).parameters.values())[1:]
+    hints = typing.get_type_hints(predict.Predictor.predict)
+    return [(parameter, hints[parameter.name]) for parameter in parameters]
+
+
+def test_every_input_has_a_description(schema):
+    for name, prop in input_properties(schema).items():
+        assert prop.get("description", "").strip(), f"{name} has no description"
+
+
+def test_schema_follows_the_signature(schema):
+    """Read predict()'s signature directly and compare it with the generated document, field by field."""
+    properties = input_properties(schema)
+    components = schema["components"]["schemas"]
+    inputs = signature_inputs()
+    assert list(properties) == [parameter.name for parameter, _ in inputs]
+    for order, (parameter, hint) in enumerate(inputs):
+        field: FieldInfo = parameter.default
+        prop = properties[parameter.name]
+        assert prop["x-order"] == order
+        assert prop["description"] == field.description
+        assert prop.get("default") == field.default
+        optional = type(None) in typing.get_args(hint)
+        assert prop.get("nullable", False) == optional, parameter.name
+        assert prop.get("minimum") == field.ge and prop.get("maximum") == field.le, parameter.name
+        if field.choices:
+            assert prop["allOf"] == [{"$ref": f"#/components/schemas/{parameter.name}"}]
+            assert components[parameter.name]["enum"] == field.choices
+        else:
+            base = typing.get_args(hint)[0] if optional else hint
+            expected_type = {str: "string", int: "integer", float: "number", bool: "boolean"}[base]
+            assert prop["type"] == expected_type, parameter.name
+    assert schema["components"]["schemas"]["Input"].get("required", []) == []
+    assert components["Output"] == {
+        "title": "Output",
+        "type": "array",
+        "items": {"type": "string", "format": "uri"},
+    }
+
+
+def test_declared_ranges_and_choices_are_the_rules_the_request_enforces(schema):
+    """predict.py must use literals (cog build reads them statically); they must match sdcog.request."""
+    properties = input_properties(schema)
+    components = schema["components"]["schemas"]
+    for side in ("width", "height"):
+        assert (properties[side]["minimum"], properties[side]["maximum"]) == (rules.SIZE_MIN, rules.SIZE_MAX)
+    expected_ranges = {
+        "num_outputs": (rules.NUM_OUTPUTS_MIN, rules.NUM_OUTPUTS_MAX),
+        "num_inference_steps": (rules.STEPS_MIN, rules.STEPS_MAX),
+        "guidance_scale": (rules.GUIDANCE_MIN, rules.GUIDANCE_MAX),
+        "seed": (rules.SEED_MIN, rules.SEED_MAX),
+        "output_quality": (rules.QUALITY_MIN, rules.QUALITY_MAX),
+    }
+    for name, (low, high) in expected_ranges.items():
+        assert (properties[name]["minimum"], properties[name]["maximum"]) == (low, high), name
+    assert tuple(components["scheduler"]["enum"]) == SCHEDULER_NAMES
+    assert properties["scheduler"]["default"] == DEFAULT_SCHEDULER
+    assert tuple(components["output_format"]["enum"]) == rules.OUTPUT_FORMATS
+    assert properties["output_format"]["default"] == rules.DEFAULT_OUTPUT_FORMAT
+    assert properties["output_quality"]["default"] == rules.DEFAULT_QUALITY
+
+
+def test_paths_are_the_ones_cog_build_writes(schema):
+    assert schema["openapi"] == "3.0.2"
+    assert set(schema["paths"]) == {
+        "/",
+        "/health-check",
+        "/predictions",
+        "/predictions/{prediction_id}/cancel",
+    }
+    predict_op = schema["paths"]["/predictions"]["post"]
+    assert predict_op["requestBody"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/PredictionRequest"
+    }
+    assert set(predict_op["responses"]) == {"200", "422"}
+
+
+def test_cog_rules_for_required_optional_and_defaults(tmp_path):
+    """The corner cases of Cog's generator, on a throwaway predictor."""
+    (tmp_path / "throwaway_predictor.py").write_text(
+        textwrap.dedent(
+            """
+            from typing import Optional
+            from cog import BasePredictor, Input, Path, Secret
+
+            class Predictor(BasePredictor):
+                def predict(
+                    self,
+                    text: str,
+                    seed: int = Input(description="None on a non-Optional input: required", default=None),
+                    maybe: Optional[int] = Input(description="optional", default=None),
+                    image: Path = Input(description="a file"),
+                    count: int = Input(default=2, ge=1, le=4.5),
+                    mode: str = Input(default="a", choices=["a", "b"]),
+                    token: Secret = Input(default=None),
+                ) -> Path:
+                    return image
+            """
+        )
+    )
+    schema = build_schema(
+        load_predictor_info("throwaway_predictor.py:Predictor", root=tmp_path), version="0.23.1"
+    )
+    inputs = schema["components"]["schemas"]["Input"]
+    assert inputs["required"] == ["text", "seed", "image"]
+    assert inputs["properties"]["text"] == {"x-order": 0, "title": "Text", "type": "string"}
+    assert "default" not in inputs["properties"]["seed"]
+    assert (
+        inputs["properties"]["maybe"]["nullable"] is True and inputs["properties"]["maybe"]["default"] is None
+    )
+    assert inputs["properties"]["image"]["format"] == "uri"
+    assert (inputs["properties"]["count"]["minimum"], inputs["properties"]["count"]["maximum"]) == (1, 4.5)
+    assert schema["components"]["schemas"]["mode"] == {
+        "title": "mode",
+        "description": "An enumeration.",
+        "enum": ["a", "b"],
+        "type": "string",
+    }
+    assert inputs["properties"]["token"]["format"] == "password"
+    assert schema["components"]["schemas"]["Output"] == {"title": "Output", "type": "string", "format": "uri"}
+    assert schema["info"] == {"title": "Cog", "version": "0.23.1"}
+
+
+def test_check_mode_fails_when_the_file_is_stale(tmp_path, capsys):
+    output = tmp_path / "openapi_schema.json"
+    write_schema(output)
+    assert main(["--check", "--output", str(output)]) == 0
+    stale = json.loads(output.read_text())
+    stale["components"]["schemas"]["Input"]["properties"].pop("seed")
+    output.write_text(json.dumps(stale))
+    assert main(["--check", "--output", str(output)]) == 1
+    assert "out of date" in capsys.readouterr().err
