@@ -3,6 +3,9 @@
 SD 1.x, SD 2.x (base and 768 v-prediction) and SDXL load through the same code; only the values
 here differ. A loaded pipeline is matched to its family from its `model_index.json` and component
 configs, so a fork serving another checkpoint of a known family needs no code change.
+
+The native size is not a family value: SD 2.x has 512 (base) and 768 (v) models, so it is read
+from the weights themselves (UNet sample size x VAE scale factor; see `Engine.limits`).
 """
 
 from __future__ import annotations
@@ -19,8 +22,6 @@ class ModelFamily:
     label: str
     pipeline_class: str
     """Name of the diffusers text-to-image pipeline class."""
-    native_size: int
-    """Training resolution in pixels; used when the UNet config does not say otherwise."""
     pixel_budget: int
     """Upper bound on width x height x num_outputs per request, so a request that would run out of
     GPU memory (on an 80 GB card, before VAE tiling) is refused before any work starts."""
@@ -32,7 +33,6 @@ SD1 = ModelFamily(
     key="sd1",
     label="Stable Diffusion 1.x",
     pipeline_class="StableDiffusionPipeline",
-    native_size=512,
     pixel_budget=4 * 1024 * 1024,
     default_steps=30,
     default_guidance=7.5,
@@ -41,7 +41,6 @@ SD2 = ModelFamily(
     key="sd2",
     label="Stable Diffusion 2.x",
     pipeline_class="StableDiffusionPipeline",
-    native_size=768,
     pixel_budget=4 * 1024 * 1024,
     default_steps=30,
     default_guidance=7.5,
@@ -50,7 +49,6 @@ SDXL = ModelFamily(
     key="sdxl",
     label="Stable Diffusion XL",
     pipeline_class="StableDiffusionXLPipeline",
-    native_size=1024,
     pixel_budget=4 * 1536 * 1536,
     default_steps=30,
     default_guidance=7.0,
