@@ -153,6 +153,21 @@ def _vae(block_out_channels: tuple[int, ...], norm_num_groups: int, **extra: Any
     )
 
 
+_TINY_CLIP = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2)
+_TINY_UNET = dict(
+    sample_size=16,
+    block_out_channels=(32, 64),
+    layers_per_block=1,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    norm_num_groups=32,
+)
+
+
+def _tiny_vae(**extra: Any) -> AutoencoderKL:
+    return _vae((8, 16, 32, 32), norm_num_groups=8, sample_size=128, **extra)
+
+
 @dataclass(frozen=True)
 class Preset:
     description: str
@@ -161,21 +176,10 @@ class Preset:
 
 def _tiny_sd15() -> DiffusionPipeline:
     tokenizer = make_tokenizer()
-    text = _text_config(
-        tokenizer, None, hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2
-    )
+    text = _text_config(tokenizer, None, **_TINY_CLIP)
     return StableDiffusionPipeline(
-        unet=UNet2DConditionModel(
-            sample_size=16,
-            block_out_channels=(32, 64),
-            layers_per_block=1,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-            cross_attention_dim=32,
-            attention_head_dim=8,
-            norm_num_groups=32,
-        ),
-        vae=_vae((8, 16, 32, 32), norm_num_groups=8, sample_size=128),
+        unet=UNet2DConditionModel(**_TINY_UNET, cross_attention_dim=32, attention_head_dim=8),
+        vae=_tiny_vae(),
         text_encoder=CLIPTextModel(text),
         tokenizer=tokenizer,
         scheduler=PNDMScheduler.from_config(SD15_SCHEDULER),
@@ -187,17 +191,11 @@ def _tiny_sd15() -> DiffusionPipeline:
 
 def _tiny_sdxl() -> DiffusionPipeline:
     tokenizer, tokenizer_2 = make_tokenizer(), make_tokenizer(pad_token="!")
-    sizes = dict(
-        hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, projection_dim=32
-    )
+    sizes = dict(_TINY_CLIP, projection_dim=32)
     time_embed_dim = 8
     return StableDiffusionXLPipeline(
         unet=UNet2DConditionModel(
-            sample_size=16,
-            block_out_channels=(32, 64),
-            layers_per_block=1,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            **_TINY_UNET,
             attention_head_dim=(2, 4),
             use_linear_projection=True,
             transformer_layers_per_block=(1, 2),
@@ -206,9 +204,8 @@ def _tiny_sdxl() -> DiffusionPipeline:
             addition_time_embed_dim=time_embed_dim,
             # six micro-conditioning numbers (sizes, crop) embedded, plus the pooled text embedding
             projection_class_embeddings_input_dim=6 * time_embed_dim + sizes["projection_dim"],
-            norm_num_groups=32,
         ),
-        vae=_vae((8, 16, 32, 32), norm_num_groups=8, sample_size=128, force_upcast=True),
+        vae=_tiny_vae(force_upcast=True),
         text_encoder=CLIPTextModel(_text_config(tokenizer, None, **sizes)),
         text_encoder_2=CLIPTextModelWithProjection(_text_config(tokenizer_2, None, **sizes)),
         tokenizer=tokenizer,

@@ -5,23 +5,10 @@ import copy
 import pytest
 from diffusers import EulerDiscreteScheduler, PNDMScheduler
 
+from sdcog.random_pipelines import SD15_SCHEDULER
 from sdcog.schedulers import SCHEDULER_NAMES, SCHEDULERS, build_scheduler
 
-# The scheduler_config.json shipped with Stable Diffusion 1.5 (it carries DDIM's keys too).
-SD15_CONFIG = PNDMScheduler.from_config(
-    {
-        "_class_name": "PNDMScheduler",
-        "beta_start": 0.00085,
-        "beta_end": 0.012,
-        "beta_schedule": "scaled_linear",
-        "num_train_timesteps": 1000,
-        "skip_prk_steps": True,
-        "steps_offset": 1,
-        "set_alpha_to_one": False,
-        "clip_sample": False,
-        "trained_betas": None,
-    }
-).config
+SD15_CONFIG = PNDMScheduler.from_config(SD15_SCHEDULER).config
 SD2_V_CONFIG = EulerDiscreteScheduler(
     beta_start=0.00085,
     beta_end=0.012,
