@@ -33,9 +33,10 @@ WEBP_METHOD = 4
 
 
 def _quote(value: object) -> str:
-    """Quote a value the way AUTOMATIC1111 does, so a comma or colon inside it parses back."""
+    """Quote a value as AUTOMATIC1111 does (JSON string when it holds a comma, colon or newline), and
+    also when it starts with a quote, so every value parses back."""
     text = str(value)
-    if "," not in text and "\n" not in text and ":" not in text:
+    if "," not in text and "\n" not in text and ":" not in text and not text.startswith('"'):
         return text
     return json.dumps(text, ensure_ascii=False)
 
