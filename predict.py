@@ -11,6 +11,7 @@ import sys
 from cog import BasePredictor, Input, Path
 
 from sdcog.engine import Engine
+from sdcog.images import Outpaint, open_image
 from sdcog.outputs import OutputDirectory, write_outputs
 from sdcog.request import resolve_request
 from sdcog.weights import resolve_weights_dir
@@ -31,6 +32,17 @@ class Predictor(BasePredictor):
             default="a photo of an astronaut riding a horse on mars",
         ),
         negative_prompt: str | None = Input(description="What the image should not show.", default=None),
+        image: Path | None = Input(
+            description="Input image (URL or data URI) for image-to-image: the output follows its layout. "
+            "With mask or outpaint_*, inpainting. Its size, rounded to multiples of 8, is the output "
+            "size unless width/height are given (then it is resized to them).",
+            default=None,
+        ),
+        mask: Path | None = Input(
+            description="Inpainting mask for image: white areas are repainted, black areas are kept exactly "
+            "(pixels outside the mask are copied from image). Resized to the image's size if it differs.",
+            default=None,
+        ),
         width: int | None = Input(
             description="Width in pixels, a multiple of 8. Default: the model's native size "
             "(512 for SD 1.x, 512 or 768 for SD 2.x, 1024 for SDXL). width x height x num_outputs "
@@ -55,6 +67,32 @@ class Predictor(BasePredictor):
             default=None,
             ge=0,
             le=30,
+        ),
+        prompt_strength: float = Input(
+            description="How much of image is replaced in image-to-image and inpainting: 0 keeps it, 1 "
+            "replaces it. int(num_inference_steps x prompt_strength) denoising steps are run.",
+            default=0.8,
+            ge=0,
+            le=1,
+        ),
+        outpaint_left: int = Input(
+            description="Outpainting: pixels to add on the left of image; the new area is generated.",
+            default=0,
+            ge=0,
+            le=1024,
+        ),
+        outpaint_top: int = Input(
+            description="Outpainting: pixels to add above image.", default=0, ge=0, le=1024
+        ),
+        outpaint_right: int = Input(
+            description="Outpainting: pixels to add on the right of image.", default=0, ge=0, le=1024
+        ),
+        outpaint_bottom: int = Input(
+            description="Outpainting: pixels to add below image. The canvas is rounded up to multiples of 8 "
+            "on the right and bottom.",
+            default=0,
+            ge=0,
+            le=1024,
         ),
         scheduler: str = Input(
             description="Sampler. The classic Replicate names, plus AUTOMATIC1111's sampler names.",
@@ -111,9 +149,13 @@ class Predictor(BasePredictor):
             seed=seed,
             output_format=output_format,
             output_quality=output_quality,
+            image=None if image is None else open_image("image", image),
+            mask=None if mask is None else open_image("mask", mask),
+            prompt_strength=prompt_strength,
+            outpaint=Outpaint(outpaint_left, outpaint_top, outpaint_right, outpaint_bottom),
         )
         for index, image_seed in enumerate(request.seeds):
             log.info("image %d: seed %d", index, image_seed)
-        images = self.engine.text_to_image(request)
+        images = self.engine.generate(request)
         paths = write_outputs(images, request, self.engine.weights.name, self.outputs.next())
         return [Path(path) for path in paths]

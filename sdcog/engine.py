@@ -1,8 +1,9 @@
 """The loaded model: one diffusers pipeline, loaded once, run per request.
 
-Per request the engine builds a lightweight pipeline object around the shared, already loaded
-components (UNet, VAE, text encoders, tokenizers) with a fresh scheduler, so no request changes
-state another one sees, and no weights are copied.
+Per request the engine builds a lightweight pipeline object of the request's mode (text-to-image,
+image-to-image, inpainting) around the shared, already loaded components (UNet, VAE, text
+encoders, tokenizers) with a fresh scheduler, so no request changes state another one sees, and
+no weights are copied.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from diffusers import DiffusionPipeline
 from PIL import Image
 
 from sdcog.families import ModelFamily, detect_family
-from sdcog.request import GenerationRequest, ModelLimits
+from sdcog.images import paste_back
+from sdcog.request import IMAGE_TO_IMAGE, INPAINT, TEXT_TO_IMAGE, GenerationRequest, ModelLimits
 from sdcog.schedulers import build_scheduler
 from sdcog.weights import WeightsInfo, inspect_weights
 
@@ -89,34 +91,71 @@ class Engine:
         scale = self.pipeline.vae_scale_factor
         return ModelLimits(family=self.family, native_width=width * scale, native_height=height * scale)
 
+    def _pipeline_class(self, mode: str) -> type[DiffusionPipeline]:
+        family = self.family
+        name = {
+            TEXT_TO_IMAGE: family.pipeline_class,
+            IMAGE_TO_IMAGE: family.img2img_pipeline_class,
+            INPAINT: family.inpaint_pipeline_class,
+        }[mode]
+        return getattr(diffusers, name)
+
     def _pipeline_for(self, request: GenerationRequest) -> DiffusionPipeline:
-        """A pipeline around the shared components with this request's own scheduler."""
-        pipeline = self.pipeline
-        components = dict(pipeline.components)
-        components["scheduler"] = build_scheduler(request.scheduler, pipeline.scheduler.config)
-        parameters = inspect.signature(type(pipeline).__init__).parameters
+        """A pipeline of the request's mode around the shared components, with its own scheduler.
+
+        Image-to-image and inpainting reuse the loaded modules: no second copy of any weights.
+        """
+        loaded = self.pipeline
+        pipeline_class = self._pipeline_class(request.mode)
+        parameters = inspect.signature(pipeline_class.__init__).parameters
+        components = {name: module for name, module in loaded.components.items() if name in parameters}
+        components["scheduler"] = build_scheduler(request.scheduler, loaded.scheduler.config)
         # Constructor settings that are config values, not modules (requires_safety_checker,
         # force_zeros_for_empty_prompt, ...), carried over from the loaded pipeline.
         settings = {
-            name: pipeline.config[name]
+            name: loaded.config[name]
             for name in parameters
-            if name not in components and name in pipeline.config
+            if name not in components and name in loaded.config
         }
-        per_request = type(pipeline)(**components, **settings)
+        per_request = pipeline_class(**components, **settings)
         per_request.set_progress_bar_config(disable=True)
         return per_request
 
-    def text_to_image(self, request: GenerationRequest) -> list[Image.Image]:
+    def generate(self, request: GenerationRequest) -> list[Image.Image]:
+        """Run one request: text-to-image, image-to-image or inpainting, by `request.mode`."""
         pipeline = self._pipeline_for(request)
-        result = pipeline(
+        steps_run = 0
+
+        def count_step(_pipeline, _step, _timestep, callback_kwargs):
+            nonlocal steps_run
+            steps_run += 1
+            return callback_kwargs
+
+        arguments = dict(
             prompt=request.prompt,
             negative_prompt=request.negative_prompt or None,
-            width=request.width,
-            height=request.height,
             num_inference_steps=request.num_inference_steps,
             guidance_scale=request.guidance_scale,
             num_images_per_prompt=request.num_outputs,
             generator=seeded_generators(request.seeds),
             output_type="pil",
+            callback_on_step_end=count_step,
         )
-        return list(result.images)
+        if request.mode != IMAGE_TO_IMAGE:
+            arguments.update(width=request.width, height=request.height)
+        if request.mode != TEXT_TO_IMAGE:
+            arguments.update(image=request.init_image, strength=request.prompt_strength)
+        if request.mode == INPAINT:
+            arguments.update(mask_image=request.mask_image)
+        images = list(pipeline(**arguments).images)
+        if request.mode == INPAINT:
+            images = [paste_back(image, request.init_image, request.mask_image) for image in images]
+        if request.mode != TEXT_TO_IMAGE:
+            log.info(
+                "%s: prompt_strength %g ran %d of %d denoising steps",
+                request.mode,
+                request.prompt_strength,
+                steps_run,
+                request.num_inference_steps,
+            )
+        return images

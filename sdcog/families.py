@@ -21,7 +21,9 @@ class ModelFamily:
     key: str
     label: str
     pipeline_class: str
-    """Name of the diffusers text-to-image pipeline class."""
+    """Name of the diffusers text-to-image pipeline class (the one the weights load with)."""
+    img2img_pipeline_class: str
+    inpaint_pipeline_class: str
     pixel_budget: int
     """Upper bound on width x height x num_outputs per request, so a request that would run out of
     GPU memory (on an 80 GB card, before VAE tiling) is refused before any work starts."""
@@ -33,6 +35,8 @@ SD1 = ModelFamily(
     key="sd1",
     label="Stable Diffusion 1.x",
     pipeline_class="StableDiffusionPipeline",
+    img2img_pipeline_class="StableDiffusionImg2ImgPipeline",
+    inpaint_pipeline_class="StableDiffusionInpaintPipeline",
     pixel_budget=4 * 1024 * 1024,
     default_steps=30,
     default_guidance=7.5,
@@ -41,6 +45,8 @@ SD2 = ModelFamily(
     key="sd2",
     label="Stable Diffusion 2.x",
     pipeline_class="StableDiffusionPipeline",
+    img2img_pipeline_class="StableDiffusionImg2ImgPipeline",
+    inpaint_pipeline_class="StableDiffusionInpaintPipeline",
     pixel_budget=4 * 1024 * 1024,
     default_steps=30,
     default_guidance=7.5,
@@ -49,6 +55,8 @@ SDXL = ModelFamily(
     key="sdxl",
     label="Stable Diffusion XL",
     pipeline_class="StableDiffusionXLPipeline",
+    img2img_pipeline_class="StableDiffusionXLImg2ImgPipeline",
+    inpaint_pipeline_class="StableDiffusionXLInpaintPipeline",
     pixel_budget=4 * 1536 * 1536,
     default_steps=30,
     default_guidance=7.0,

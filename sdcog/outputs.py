@@ -20,7 +20,8 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from sdcog import __version__
-from sdcog.request import GenerationRequest
+from sdcog.images import MASK_BLUR_PX
+from sdcog.request import INPAINT, TEXT_TO_IMAGE, GenerationRequest
 from sdcog.schedulers import SCHEDULERS
 
 EXIF_IFD_POINTER = 0x8769
@@ -127,8 +128,15 @@ def generation_infotext(request: GenerationRequest, seed: int, model_name: str) 
         "Seed": seed,
         "Size": f"{request.width}x{request.height}",
         "Model": model_name,
-        "Version": f"sdcog {__version__}",
+        "Mode": request.mode,
     }
+    if request.mode != TEXT_TO_IMAGE:
+        fields["Denoising strength"] = f"{request.prompt_strength:g}"
+    if request.mode == INPAINT:
+        fields["Mask blur"] = MASK_BLUR_PX
+    if request.outpaint:
+        fields["Outpaint"] = request.outpaint.describe()
+    fields["Version"] = f"sdcog {__version__}"
     return format_infotext(request.prompt, request.negative_prompt, fields)
 
 

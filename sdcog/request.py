@@ -13,10 +13,14 @@ other caller, plus the rules a JSON schema cannot express (multiples of 8, the p
 from __future__ import annotations
 
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+from PIL import Image
+
+from sdcog.errors import InputError
 from sdcog.families import ModelFamily
+from sdcog.images import Outpaint, as_rgb, binary_mask, extend_canvas, round_to_multiple
 from sdcog.schedulers import DEFAULT_SCHEDULER, SCHEDULER_NAMES
 
 SIZE_MIN, SIZE_MAX, SIZE_MULTIPLE = 64, 2048, 8
@@ -27,14 +31,11 @@ SEED_MIN, SEED_MAX = 0, 2**32 - 1
 OUTPUT_FORMATS = ("webp", "jpg", "png")
 DEFAULT_OUTPUT_FORMAT = "webp"
 QUALITY_MIN, QUALITY_MAX, DEFAULT_QUALITY = 1, 100, 90
+STRENGTH_MIN, STRENGTH_MAX, DEFAULT_STRENGTH = 0.0, 1.0, 0.8
+OUTPAINT_MIN, OUTPAINT_MAX = 0, 1024
+OUTPAINT_FIELDS = ("outpaint_left", "outpaint_top", "outpaint_right", "outpaint_bottom")
 
-
-class InputError(ValueError):
-    """An input breaks a rule. The message starts with the field's name."""
-
-    def __init__(self, field: str, message: str):
-        super().__init__(f"{field}: {message}")
-        self.field = field
+TEXT_TO_IMAGE, IMAGE_TO_IMAGE, INPAINT = "txt2img", "img2img", "inpaint"
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,14 @@ class GenerationRequest:
     """Image i is generated from seed + i with its own generator."""
     output_format: str
     output_quality: int
+    mode: str = TEXT_TO_IMAGE
+    """txt2img, img2img or inpaint (outpainting is inpainting on an extended canvas)."""
+    init_image: Image.Image | None = field(default=None, repr=False)
+    """The input image at the output size (on the extended canvas when outpainting)."""
+    mask_image: Image.Image | None = field(default=None, repr=False)
+    """Black/white at the output size: white is repainted."""
+    prompt_strength: float = DEFAULT_STRENGTH
+    outpaint: Outpaint = field(default_factory=Outpaint)
 
     @property
     def seeds(self) -> list[int]:
@@ -122,14 +131,35 @@ def resolve_request(
     seed: int | None = None,
     output_format: str = DEFAULT_OUTPUT_FORMAT,
     output_quality: int = DEFAULT_QUALITY,
+    image: Image.Image | None = None,
+    mask: Image.Image | None = None,
+    prompt_strength: float = DEFAULT_STRENGTH,
+    outpaint: Outpaint | None = None,
 ) -> GenerationRequest:
-    """Check every input and fill every default; raises InputError on the first broken rule."""
+    """Check every input and fill every default; raises InputError on the first broken rule.
+
+    With `image` the request is image-to-image; with `mask` or `outpaint` as well, inpainting.
+    """
     family = model.family
     _require_type("prompt", prompt, (str,), "a string")
     if negative_prompt is not None:
         _require_type("negative_prompt", negative_prompt, (str,), "a string")
-    width = _resolve_size("width", width, model.native_width)
-    height = _resolve_size("height", height, model.native_height)
+    outpaint = _check_outpaint(outpaint or Outpaint())
+    if image is None:
+        if mask is not None:
+            raise InputError("mask", "needs an image to inpaint: send `image` as well")
+        if outpaint:
+            raise InputError(
+                _first_outpaint_field(outpaint), "needs an image to extend: send `image` as well"
+            )
+        width = _resolve_size("width", width, model.native_width)
+        height = _resolve_size("height", height, model.native_height)
+        init_image = mask_image = None
+        mode = TEXT_TO_IMAGE
+    else:
+        init_image, mask_image = _prepare_images(image, mask, outpaint, width, height)
+        width, height = init_image.size
+        mode = INPAINT if mask_image is not None else IMAGE_TO_IMAGE
     num_outputs = _check_int("num_outputs", num_outputs, NUM_OUTPUTS_MIN, NUM_OUTPUTS_MAX)
     pixels = width * height * num_outputs
     if pixels > family.pixel_budget:
@@ -146,6 +176,14 @@ def resolve_request(
         guidance_scale = family.default_guidance
     _require_type("guidance_scale", guidance_scale, (int, float), "a number")
     _check_range("guidance_scale", guidance_scale, GUIDANCE_MIN, GUIDANCE_MAX)
+    _require_type("prompt_strength", prompt_strength, (int, float), "a number")
+    _check_range("prompt_strength", prompt_strength, STRENGTH_MIN, STRENGTH_MAX)
+    if mode != TEXT_TO_IMAGE and int(num_inference_steps * prompt_strength) < 1:
+        raise InputError(
+            "prompt_strength",
+            f"{prompt_strength:g} x {num_inference_steps} steps leaves no denoising step to run "
+            "(diffusers runs int(num_inference_steps x prompt_strength) steps); raise either",
+        )
     return GenerationRequest(
         prompt=prompt,
         negative_prompt=negative_prompt or "",
@@ -158,4 +196,67 @@ def resolve_request(
         seed=_resolve_seed(seed),
         output_format=_check_choice("output_format", output_format, OUTPUT_FORMATS),
         output_quality=_check_int("output_quality", output_quality, QUALITY_MIN, QUALITY_MAX),
+        mode=mode,
+        init_image=init_image,
+        mask_image=mask_image,
+        prompt_strength=float(prompt_strength),
+        outpaint=outpaint,
     )
+
+
+def _first_outpaint_field(outpaint: Outpaint) -> str:
+    amounts = (outpaint.left, outpaint.top, outpaint.right, outpaint.bottom)
+    return next(name for name, amount in zip(OUTPAINT_FIELDS, amounts, strict=True) if amount)
+
+
+def _check_outpaint(outpaint: Outpaint) -> Outpaint:
+    amounts = (outpaint.left, outpaint.top, outpaint.right, outpaint.bottom)
+    for name, amount in zip(OUTPAINT_FIELDS, amounts, strict=True):
+        _check_int(name, amount, OUTPAINT_MIN, OUTPAINT_MAX)
+    return outpaint
+
+
+def _image_size(image: Image.Image, width: int | None, height: int | None) -> tuple[int, int]:
+    """The size the input image is used at: the asked size, else its own rounded to multiples of 8.
+
+    With only one side asked for, the other keeps the image's aspect ratio.
+    """
+    if width is not None:
+        width = _resolve_size("width", width, 0)
+    if height is not None:
+        height = _resolve_size("height", height, 0)
+    if width is None and height is None:
+        size = (round_to_multiple(image.width), round_to_multiple(image.height))
+    elif height is None:
+        size = (width, round_to_multiple(width * image.height / image.width))
+    elif width is None:
+        size = (round_to_multiple(height * image.width / image.height), height)
+    else:
+        size = (width, height)
+    if max(size) > SIZE_MAX or min(size) < SIZE_MIN:
+        raise InputError(
+            "image",
+            f"is {image.width}x{image.height}, used at {size[0]}x{size[1]}: each side must be between "
+            f"{SIZE_MIN} and {SIZE_MAX}; set width and/or height to scale it",
+        )
+    return size
+
+
+def _prepare_images(
+    image: Image.Image, mask: Image.Image | None, outpaint: Outpaint, width: int | None, height: int | None
+) -> tuple[Image.Image, Image.Image | None]:
+    """The input image (and mask) at the output size, on the extended canvas when outpainting."""
+    size = _image_size(image, width, height)
+    rgb = as_rgb(image)
+    if rgb.size != size:
+        rgb = rgb.resize(size, Image.Resampling.LANCZOS)
+    mask_image = None if mask is None else binary_mask(mask, size)
+    if outpaint:
+        rgb, mask_image = extend_canvas(rgb, mask_image, outpaint)
+        if max(rgb.size) > SIZE_MAX:
+            raise InputError(
+                _first_outpaint_field(outpaint),
+                f"the extended canvas would be {rgb.width}x{rgb.height}; "
+                f"each side must be at most {SIZE_MAX}",
+            )
+    return rgb, mask_image

@@ -35,7 +35,7 @@ def test_infotext_matches_automatic1111_layout():
     assert text.splitlines() == [
         "a red circle",
         "Negative prompt: blurry",
-        "Steps: 20, Sampler: Euler a, CFG scale: 7.5, Seed: 8, Size: 64x64, Model: tiny, "
+        "Steps: 20, Sampler: Euler a, CFG scale: 7.5, Seed: 8, Size: 64x64, Model: tiny, Mode: txt2img, "
         "Version: sdcog 0.1.0",
     ]
 

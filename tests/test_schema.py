@@ -6,6 +6,7 @@ import textwrap
 import typing
 
 import pytest
+from cog import Path
 from cog.input import FieldInfo
 
 import predict
@@ -54,7 +55,9 @@ def test_schema_follows_the_signature(schema):
             assert components[parameter.name]["enum"] == field.choices
         else:
             base = typing.get_args(hint)[0] if optional else hint
-            expected_type = {str: "string", int: "integer", float: "number", bool: "boolean"}[base]
+            expected_type = {str: "string", int: "integer", float: "number", bool: "boolean", Path: "string"}[
+                base
+            ]
             assert prop["type"] == expected_type, parameter.name
     assert schema["components"]["schemas"]["Input"].get("required", []) == []
     assert components["Output"] == {
@@ -76,6 +79,8 @@ def test_declared_ranges_and_choices_are_the_rules_the_request_enforces(schema):
         "guidance_scale": (rules.GUIDANCE_MIN, rules.GUIDANCE_MAX),
         "seed": (rules.SEED_MIN, rules.SEED_MAX),
         "output_quality": (rules.QUALITY_MIN, rules.QUALITY_MAX),
+        "prompt_strength": (rules.STRENGTH_MIN, rules.STRENGTH_MAX),
+        **{name: (rules.OUTPAINT_MIN, rules.OUTPAINT_MAX) for name in rules.OUTPAINT_FIELDS},
     }
     for name, (low, high) in expected_ranges.items():
         assert (properties[name]["minimum"], properties[name]["maximum"]) == (low, high), name
@@ -84,6 +89,8 @@ def test_declared_ranges_and_choices_are_the_rules_the_request_enforces(schema):
     assert tuple(components["output_format"]["enum"]) == rules.OUTPUT_FORMATS
     assert properties["output_format"]["default"] == rules.DEFAULT_OUTPUT_FORMAT
     assert properties["output_quality"]["default"] == rules.DEFAULT_QUALITY
+    assert properties["prompt_strength"]["default"] == rules.DEFAULT_STRENGTH
+    assert properties["image"]["format"] == properties["mask"]["format"] == "uri"
 
 
 def test_paths_are_the_ones_cog_build_writes(schema):
