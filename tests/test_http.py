@@ -36,7 +36,9 @@ def sdxl_server(schema_file, tiny_sdxl):
 
 
 def succeed(server, **inputs):
-    response = server.predict({**FAST, **inputs})
+    """A prediction that must succeed; an input given as None is left out (Cog refuses JSON null)."""
+    merged = {name: value for name, value in {**FAST, **inputs}.items() if value is not None}
+    response = server.predict(merged)
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["status"] == "succeeded", body.get("error")
@@ -161,3 +163,102 @@ def test_setup_without_weights_fails_with_what_to_run(schema_file, tmp_path):
             pass
     message = str(failure.value)
     assert "MODEL_WEIGHTS" in message and "script/download-weights" in message
+
+
+def data_uri(image, image_format="PNG"):
+    buffer = io.BytesIO()
+    image.save(buffer, format=image_format)
+    return f"data:image/{image_format.lower()};base64,{base64.b64encode(buffer.getvalue()).decode()}"
+
+
+def gradient(width, height):
+    x = np.linspace(0, 255, width, dtype=np.float32)[None, :]
+    y = np.linspace(0, 255, height, dtype=np.float32)[:, None]
+    return Image.fromarray(
+        np.stack([x + 0 * y, 0 * x + y, np.full((height, width), 90.0)], axis=2).astype(np.uint8)
+    )
+
+
+def right_half_mask(width, height):
+    mask = np.zeros((height, width), dtype=np.uint8)
+    mask[:, width // 2 :] = 255
+    return Image.fromarray(mask)
+
+
+@pytest.mark.parametrize("server_name", ["sd15_server", "sdxl_server"])
+def test_img2img_returns_the_input_size_rounded_to_multiples_of_8(server_name, request, tmp_path):
+    server = request.getfixturevalue(server_name)
+    body = succeed(
+        server, image=data_uri(gradient(100, 60)), prompt_strength=0.5, num_outputs=2, width=None, height=None
+    )
+    images = [decode(uri, tmp_path, index)[0] for index, uri in enumerate(body["output"])]
+    assert [image.size for image in images] == [(104, 64), (104, 64)]
+    assert "img2img: prompt_strength 0.5 ran 1 of 3 denoising steps" in body["logs"]
+
+
+def test_inpainting_keeps_every_unmasked_pixel_byte_identical(sd15_server, tmp_path):
+    source = gradient(96, 64)
+    body = succeed(
+        sd15_server,
+        image=data_uri(source),
+        mask=data_uri(right_half_mask(96, 64)),
+        prompt_strength=1.0,
+        width=None,
+        height=None,
+        output_format="png",
+        seed=12,
+    )
+    image, path = decode(body["output"][0], tmp_path)
+    kept = pixels(image)[:, :48]
+    assert np.array_equal(kept, pixels(source)[:, :48])
+    assert np.abs(pixels(image)[:, 52:] - pixels(source)[:, 52:]).mean() > 10
+    fields = parse_infotext_fields(read_infotext(path))
+    assert fields["Mode"] == "inpaint" and fields["Denoising strength"] == "1"
+
+
+def test_outpainting_returns_the_extended_size_with_the_original_in_place(sd15_server, tmp_path):
+    source = gradient(64, 64)
+    body = succeed(
+        sd15_server,
+        image=data_uri(source),
+        outpaint_left=32,
+        outpaint_bottom=16,
+        width=None,
+        height=None,
+        output_format="png",
+    )
+    image, _ = decode(body["output"][0], tmp_path)
+    assert image.size == (96, 80)
+    assert np.array_equal(pixels(image)[0:64, 32:96], pixels(source))
+
+
+IMAGE_BAD_INPUTS = [
+    ({"mask": data_uri(right_half_mask(64, 64))}, 200, "mask: needs an image"),
+    (
+        {"image": "data:image/png;base64," + base64.b64encode(b"not an image").decode()},
+        200,
+        "image: is not a readable",
+    ),
+    (
+        {"image": data_uri(gradient(64, 64)), "mask": data_uri(Image.new("L", (64, 64), 0))},
+        200,
+        "mask: is all black",
+    ),
+    ({"outpaint_top": 64}, 200, "outpaint_top: needs an image"),
+    ({"image": data_uri(gradient(64, 64)), "prompt_strength": 1.5}, 422, "prompt_strength"),
+    ({"image": data_uri(gradient(64, 64)), "outpaint_left": -8}, 422, "outpaint_left"),
+]
+
+
+@pytest.mark.parametrize(
+    ("bad", "status", "named"), IMAGE_BAD_INPUTS, ids=[named for _, _, named in IMAGE_BAD_INPUTS]
+)
+def test_bad_image_inputs_are_refused_naming_the_field(sd15_server, bad, status, named):
+    response = sd15_server.predict({**FAST, **bad})
+    assert response.status_code == status
+    body = response.json()
+    if status == 422:
+        assert any(named in detail["loc"] for detail in body["detail"]), body
+    else:
+        assert body["status"] == "failed" and named in body["error"], body
+    assert sd15_server.health()["status"] == "READY"
