@@ -172,3 +172,13 @@ def test_bad_image_inputs_are_refused_naming_the_field(inputs, field, fragment):
     with pytest.raises(InputError) as refusal:
         resolve_request(ModelLimits(SD1, 512, 512), prompt="x", **inputs)
     assert refusal.value.field == field and fragment in str(refusal.value)
+
+
+def test_every_mode_runs_on_the_loaded_modules_without_copies(engine):
+    loaded = engine.pipeline
+    for extra in ({}, {"image": photo(96, 64)}, {"image": photo(96, 64), "mask": half_mask((96, 64))}):
+        request = resolve_request(engine.limits, prompt="x", num_inference_steps=STEPS, **extra)
+        per_request = engine._pipeline_for(request)
+        assert per_request.unet is loaded.unet and per_request.vae is loaded.vae
+        assert per_request.text_encoder is loaded.text_encoder
+        assert per_request.scheduler is not loaded.scheduler
