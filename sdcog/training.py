@@ -184,7 +184,7 @@ by `script/train-bundled-model` on a procedural world: one coloured shape on a c
 
 
 def train(
-    out: Path, vae_steps: int, unet_steps: int, seed: int, device: str = "cpu", lr: float = 5e-4
+    out: Path, vae_steps: int, unet_steps: int, seed: int, device: str = "cpu", lr: float = 1e-3
 ) -> Path:
     torch.manual_seed(seed)
     rng = random.Random(seed)
@@ -216,9 +216,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="script/train-bundled-model", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=BUNDLED_MODEL_DIR)
     parser.add_argument("--vae-steps", type=int, default=1500)
-    parser.add_argument("--unet-steps", type=int, default=5000)
+    parser.add_argument("--unet-steps", type=int, default=8000)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--lr", type=float, default=5e-4, help="peak learning rate of the UNet phase")
+    parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of the UNet phase")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (the reference run used 2)")
     parser.add_argument("--device", default="cpu", help="cpu (the reference) or cuda, for experiments")
     args = parser.parse_args(argv)
