@@ -99,8 +99,10 @@ def _check_choice(field: str, value: Any, choices: tuple[str, ...]) -> str:
 
 
 def _resolve_size(field: str, value: int | None, native: int) -> int:
-    if value is None:
-        return native
+    return native if value is None else _check_size(field, value)
+
+
+def _check_size(field: str, value: Any) -> int:
     _check_int(field, value, SIZE_MIN, SIZE_MAX)
     if value % SIZE_MULTIPLE:
         raise InputError(
@@ -222,9 +224,9 @@ def _image_size(image: Image.Image, width: int | None, height: int | None) -> tu
     With only one side asked for, the other keeps the image's aspect ratio.
     """
     if width is not None:
-        width = _resolve_size("width", width, 0)
+        width = _check_size("width", width)
     if height is not None:
-        height = _resolve_size("height", height, 0)
+        height = _check_size("height", height)
     if width is None and height is None:
         size = (round_to_multiple(image.width), round_to_multiple(image.height))
     elif height is None:
