@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
@@ -89,43 +89,67 @@ def _bytes_to_unicode() -> list[str]:
     return [chr(code) for code in characters]
 
 
-@lru_cache(maxsize=1)
-def _vocab_and_merges() -> tuple[dict[str, int], list[str]]:
-    """A CLIP BPE vocabulary: the 512 base symbols, merges trained on WORDS, and the two specials."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+def _learn_merges(words: list[str]) -> list[tuple[str, str]]:
+    """BPE merges that make every word one token: the most frequent adjacent pair is merged first,
+    ties broken alphabetically, so the result depends on nothing but the word list (the `tokenizers`
+    trainer breaks ties in hash order, which changes from one process to the next)."""
+    corpus = [(*word[:-1], f"{word[-1]}</w>") for word in sorted(set(words))]
+    merges: list[tuple[str, str]] = []
+    while True:
+        counts = Counter(pair for symbols in corpus for pair in zip(symbols, symbols[1:], strict=False))
+        if not counts:
+            return merges
+        best = min(counts, key=lambda pair: (-counts[pair], pair))
+        merges.append(best)
+        corpus = [_merge(symbols, best) for symbols in corpus]
 
+
+def _merge(symbols: tuple[str, ...], pair: tuple[str, str]) -> tuple[str, ...]:
+    merged: list[str] = []
+    index = 0
+    while index < len(symbols):
+        if symbols[index : index + 2] == pair:
+            merged.append(pair[0] + pair[1])
+            index += 2
+        else:
+            merged.append(symbols[index])
+            index += 1
+    return tuple(merged)
+
+
+@lru_cache(maxsize=1)
+def _vocab_and_merges() -> tuple[dict[str, int], tuple[tuple[str, str], ...]]:
+    """A CLIP BPE vocabulary laid out as CLIP's: the 256 byte symbols, the same with `</w>`, the
+    merged symbols in merge order, then `<|startoftext|>` and `<|endoftext|>` last."""
     alphabet = _bytes_to_unicode()
-    bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
-    bpe.pre_tokenizer = pre_tokenizers.Whitespace()
-    trainer = trainers.BpeTrainer(
-        vocab_size=4096,
-        min_frequency=1,
-        show_progress=False,
-        end_of_word_suffix="</w>",
-        initial_alphabet=alphabet,
-    )
-    bpe.train_from_iterator(WORDS, trainer)
-    model = json.loads(bpe.to_str())["model"]
     vocab: dict[str, int] = {}
     for symbol in [*alphabet, *(f"{char}</w>" for char in alphabet)]:
         vocab[symbol] = len(vocab)
-    merges = [merge if isinstance(merge, str) else " ".join(merge) for merge in model["merges"]]
-    for merge in merges:
-        vocab.setdefault(merge.replace(" ", ""), len(vocab))
+    merges = _learn_merges(WORDS)
+    for first, second in merges:
+        vocab.setdefault(first + second, len(vocab))
     vocab[BOS], vocab[EOS] = len(vocab), len(vocab) + 1
-    return vocab, merges
+    return vocab, tuple(merges)
 
 
 def make_tokenizer(pad_token: str = EOS) -> CLIPTokenizer:
     """An offline CLIP tokenizer (77 tokens; SDXL's second tokenizer pads with "!")."""
     vocab, merges = _vocab_and_merges()
-    with tempfile.TemporaryDirectory() as scratch:
-        vocab_file, merges_file = Path(scratch, "vocab.json"), Path(scratch, "merges.txt")
-        vocab_file.write_text(json.dumps(vocab), encoding="utf-8")
-        merges_file.write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-        return CLIPTokenizer(
-            str(vocab_file), str(merges_file), model_max_length=MAX_TOKENS, pad_token=pad_token
-        )
+    # transformers 5's CLIPTokenizer is the `tokenizers`-backed one: it takes the vocabulary and
+    # the merges (as pairs) directly, and saves them as tokenizer.json
+    return CLIPTokenizer(
+        vocab=dict(vocab), merges=list(merges), model_max_length=MAX_TOKENS, pad_token=pad_token
+    )
+
+
+def write_vocab_files(tokenizer_dir: Path) -> None:
+    """Add vocab.json and merges.txt, as CLIP checkpoints ship them, next to the saved
+    tokenizer.json (transformers 5 writes only that; transformers 4's slow CLIPTokenizer needs these)."""
+    vocab, merges = _vocab_and_merges()
+    tokenizer_dir = Path(tokenizer_dir)
+    (tokenizer_dir / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    lines = ["#version: 0.2", *(f"{first} {second}" for first, second in merges)]
+    (tokenizer_dir / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
 def _text_config(tokenizer: CLIPTokenizer, vocab_size: int | None, **sizes: Any) -> CLIPTextConfig:
@@ -325,13 +349,20 @@ def save_pipeline(preset: str, out_dir: Path, seed: int = 0, dtype: torch.dtype 
     if dtype != torch.float32:
         pipeline.to(dtype=dtype)
     pipeline.save_pretrained(out_dir, safe_serialization=True)
+    for name in ("tokenizer", "tokenizer_2"):
+        if getattr(pipeline, name, None) is not None:
+            write_vocab_files(out_dir / name)
     description = PRESETS[preset].description
     (out_dir / "README.md").write_text(README.format(preset=preset, description=description, seed=seed))
     return out_dir
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="script/make-random-pipeline", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="script/make-random-pipeline",
+        description=__doc__.split("\n\n")[0],
+        epilog="presets: " + "; ".join(f"{name}: {preset.description}" for name, preset in PRESETS.items()),
+    )
     parser.add_argument("preset", choices=sorted(PRESETS))
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--seed", type=int, default=0)
