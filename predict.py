@@ -33,20 +33,15 @@ class Predictor(BasePredictor):
         ),
         negative_prompt: str | None = Input(description="What the image should not show.", default=None),
         image: Path | None = Input(
-            description="Input image (URL or data URI) for image-to-image: the output follows its layout. "
-            "With mask or outpaint_*, inpainting. Its size, rounded to multiples of 8, is the output "
-            "size unless width/height are given (then it is resized to them).",
+            description="Input image (URL or data URI) for image-to-image: the output follows its layout. With mask or outpaint_*, inpainting. Its size, rounded to multiples of 8, is the output size unless width/height are given (then it is resized to them).",  # noqa: E501
             default=None,
         ),
         mask: Path | None = Input(
-            description="Inpainting mask for image: white areas are repainted, black areas are kept exactly "
-            "(pixels outside the mask are copied from image). Resized to the image's size if it differs.",
+            description="Inpainting mask for image: white areas are repainted, black areas are kept exactly (pixels outside the mask are copied from image). Resized to the image's size if it differs.",  # noqa: E501
             default=None,
         ),
         width: int | None = Input(
-            description="Width in pixels, a multiple of 8. Default: the model's native size "
-            "(512 for SD 1.x, 512 or 768 for SD 2.x, 1024 for SDXL). width x height x num_outputs "
-            "must fit the model family's pixel budget.",
+            description="Width in pixels, a multiple of 8. Default: the model's native size (512 for SD 1.x, 512 or 768 for SD 2.x, 1024 for SDXL). width x height x num_outputs must fit the model family's pixel budget.",  # noqa: E501
             default=None,
             ge=64,
             le=2048,
@@ -62,15 +57,13 @@ class Predictor(BasePredictor):
             description="Number of denoising steps. Default: 30.", default=None, ge=1, le=500
         ),
         guidance_scale: float | None = Input(
-            description="Classifier-free guidance scale: how closely to follow the prompt. 0 or 1 turns "
-            "guidance off (for Turbo/LCM-style models). Default: 7.5 for SD 1.x/2.x, 7.0 for SDXL.",
+            description="Classifier-free guidance scale: how closely to follow the prompt. 0 or 1 turns guidance off (for Turbo/LCM-style models). Default: 7.5 for SD 1.x/2.x, 7.0 for SDXL.",  # noqa: E501
             default=None,
             ge=0,
             le=30,
         ),
         prompt_strength: float = Input(
-            description="How much of image is replaced in image-to-image and inpainting: 0 keeps it, 1 "
-            "replaces it. int(num_inference_steps x prompt_strength) denoising steps are run.",
+            description="How much of image is replaced in image-to-image and inpainting: 0 keeps it, 1 replaces it. int(num_inference_steps x prompt_strength) denoising steps are run.",  # noqa: E501
             default=0.8,
             ge=0,
             le=1,
@@ -88,8 +81,7 @@ class Predictor(BasePredictor):
             description="Outpainting: pixels to add on the right of image.", default=0, ge=0, le=1024
         ),
         outpaint_bottom: int = Input(
-            description="Outpainting: pixels to add below image. The canvas is rounded up to multiples of 8 "
-            "on the right and bottom.",
+            description="Outpainting: pixels to add below image. The canvas is rounded up to multiples of 8 on the right and bottom.",  # noqa: E501
             default=0,
             ge=0,
             le=1024,
@@ -119,9 +111,7 @@ class Predictor(BasePredictor):
             ],
         ),
         seed: int | None = Input(
-            description="Random seed. Image i uses seed + i, so any image of a batch can be made again "
-            "alone with num_outputs=1. Leave blank to draw one at random (it is logged and embedded "
-            "in each file).",
+            description="Random seed. Image i uses seed + i, so any image of a batch can be made again alone with num_outputs=1. Leave blank to draw one at random (it is logged and embedded in each file).",  # noqa: E501
             default=None,
             ge=0,
             le=4294967295,

@@ -163,3 +163,38 @@ def test_check_mode_fails_when_the_file_is_stale(tmp_path, capsys):
     output.write_text(json.dumps(stale))
     assert main(["--check", "--output", str(output)]) == 1
     assert "out of date" in capsys.readouterr().err
+
+
+def test_every_input_argument_is_one_literal_that_cog_build_reads_as_python_does():
+    """`cog build` reads Input(...) arguments from the source text, not by running Python: it keeps a
+    string's raw text between its quotes (adjacent literals come out with the quotes and newline
+    inside), and drops names and expressions. So each argument must be a single plain literal."""
+    import ast
+    import io
+    import tokenize
+    from pathlib import Path
+
+    source = Path(predict.__file__).read_text()
+    calls = [
+        node
+        for node in ast.walk(ast.parse(source))
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "Input"
+    ]
+    assert len(calls) == len(signature_inputs())
+    for call in calls:
+        for keyword in call.keywords:
+            value = keyword.value
+            segment = ast.get_source_segment(source, value)
+            if isinstance(value, ast.List):
+                assert all(isinstance(item, ast.Constant) for item in value.elts), segment
+                continue
+            assert isinstance(value, ast.Constant), f"{keyword.arg}={segment}"
+            if isinstance(value.value, str):
+                tokens = [
+                    t
+                    for t in tokenize.generate_tokens(io.StringIO(segment).readline)
+                    if t.type == tokenize.STRING
+                ]
+                assert len(tokens) == 1 and "\\" not in segment, (
+                    f"{keyword.arg} must be one literal: {segment}"
+                )
