@@ -69,7 +69,6 @@ class Engine:
             variant=weights.variant,
         )
         pipeline.to(device)
-        pipeline.set_progress_bar_config(disable=True)
         engine = cls(pipeline=pipeline, family=family, weights=weights, device=device)
         limits = engine.limits
         log.info(

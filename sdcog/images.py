@@ -65,8 +65,12 @@ class Outpaint:
     right: int = 0
     bottom: int = 0
 
+    @property
+    def amounts(self) -> tuple[int, int, int, int]:
+        return (self.left, self.top, self.right, self.bottom)
+
     def __bool__(self) -> bool:
-        return any((self.left, self.top, self.right, self.bottom))
+        return any(self.amounts)
 
     def canvas_size(self, size: tuple[int, int]) -> tuple[int, int]:
         """The extended size, its extra pixels to multiples of 8 added on the right and bottom."""

@@ -207,13 +207,11 @@ def resolve_request(
 
 
 def _first_outpaint_field(outpaint: Outpaint) -> str:
-    amounts = (outpaint.left, outpaint.top, outpaint.right, outpaint.bottom)
-    return next(name for name, amount in zip(OUTPAINT_FIELDS, amounts, strict=True) if amount)
+    return next(name for name, amount in zip(OUTPAINT_FIELDS, outpaint.amounts, strict=True) if amount)
 
 
 def _check_outpaint(outpaint: Outpaint) -> Outpaint:
-    amounts = (outpaint.left, outpaint.top, outpaint.right, outpaint.bottom)
-    for name, amount in zip(OUTPAINT_FIELDS, amounts, strict=True):
+    for name, amount in zip(OUTPAINT_FIELDS, outpaint.amounts, strict=True):
         _check_int(name, amount, OUTPAINT_MIN, OUTPAINT_MAX)
     return outpaint
 
