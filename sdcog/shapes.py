@@ -2,7 +2,7 @@
 
 `render` draws one scene from a caption's parts; `judge` reads a generated image back
 deterministically (background colour from the border, the object's colour from the pixels that
-differ from it, its shape from how much of its bounding box it fills), so tests can measure how
+differ from it, its shape from the template that fits its outline best), so tests can measure how
 often the model follows a prompt.
 """
 
@@ -15,6 +15,7 @@ from itertools import permutations
 
 import numpy as np
 from PIL import Image, ImageDraw
+from scipy import ndimage
 
 IMAGE_SIZE = 64
 
@@ -61,17 +62,18 @@ def render(scene: Scene, rng: random.Random, size: int = IMAGE_SIZE) -> Image.Im
     extent = rng.randint(size * 3 // 8, size * 5 // 8)
     left = rng.randint(size // 16, size - extent - size // 16)
     top = rng.randint(size // 16, size - extent - size // 16)
-    box = (left, top, left + extent, top + extent)
-    fill = COLOURS[scene.colour]
-    if scene.shape == "circle":
+    _draw_shape(draw, scene.shape, (left, top, left + extent, top + extent), COLOURS[scene.colour])
+    return image
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int, int], fill) -> None:
+    left, top, right, bottom = box
+    if shape == "circle":
         draw.ellipse(box, fill=fill)
-    elif scene.shape == "square":
+    elif shape == "square":
         draw.rectangle(box, fill=fill)
     else:
-        draw.polygon(
-            [(left + extent / 2, top), (left + extent, top + extent), (left, top + extent)], fill=fill
-        )
-    return image
+        draw.polygon([((left + right) / 2, top), (right, bottom), (left, bottom)], fill=fill)
 
 
 @dataclass(frozen=True)
@@ -87,25 +89,57 @@ class Judgement:
 
 
 def _nearest_colour(rgb: np.ndarray) -> str:
-    names = list(COLOURS)
-    palette = np.array([COLOURS[name] for name in names], dtype=np.float32)
-    return names[int(np.argmin(((palette - rgb) ** 2).sum(axis=1)))]
+    return list(COLOURS)[int(nearest_colours(rgb))]
 
 
-def judge(image: Image.Image, min_share: float = 0.03) -> Judgement:
-    """Background, object colour and object shape of a generated image, by fixed rules."""
+def nearest_colours(pixels: np.ndarray) -> np.ndarray:
+    """The index into COLOURS of the nearest palette colour, for each RGB pixel of an (..., 3) array."""
+    palette = np.array(list(COLOURS.values()), dtype=np.float32)
+    distances = ((np.asarray(pixels, dtype=np.float32)[..., None, :] - palette) ** 2).sum(axis=-1)
+    return distances.argmin(axis=-1)
+
+
+def background_and_foreground(image: Image.Image) -> tuple[np.ndarray, np.ndarray]:
+    """The background colour (the median of the border pixels) and the mask of the pixels that
+    differ from it clearly (by over 80 in RGB distance): the object."""
     pixels = np.asarray(image.convert("RGB"), dtype=np.float32)
     border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
     background_rgb = np.median(border, axis=0)
     distance = np.sqrt(((pixels - background_rgb) ** 2).sum(axis=2))
-    foreground = distance > 80
-    share = float(foreground.mean())
+    return background_rgb, distance > 80
+
+
+def _largest_region(mask: np.ndarray) -> np.ndarray:
+    labels, count = ndimage.label(mask)
+    if count <= 1:
+        return mask
+    sizes = ndimage.sum_labels(mask, labels, index=range(1, count + 1))
+    return labels == 1 + int(np.argmax(sizes))
+
+
+def _closest_shape(region: np.ndarray) -> str:
+    """The shape whose outline, drawn into the region's bounding box, overlaps it best (by IoU)."""
+    rows, columns = np.nonzero(region)
+    box = (int(columns.min()), int(rows.min()), int(columns.max()), int(rows.max()))
+    overlaps = {}
+    for shape in SHAPES:
+        template = Image.new("1", (region.shape[1], region.shape[0]), 0)
+        _draw_shape(ImageDraw.Draw(template), shape, box, 1)
+        drawn = np.asarray(template)
+        overlaps[shape] = (drawn & region).sum() / (drawn | region).sum()
+    return max(overlaps, key=overlaps.get)
+
+
+def judge(image: Image.Image, min_share: float = 0.03) -> Judgement:
+    """Background, object colour and object shape of a generated image, by fixed rules: the
+    object is the largest connected region that differs from the background; its colour is its
+    median pixel's nearest palette colour; its shape, the template that fits its outline best."""
+    pixels = np.asarray(image.convert("RGB"), dtype=np.float32)
+    background_rgb, foreground = background_and_foreground(image)
+    region = _largest_region(foreground)
+    share = float(region.mean())
     background = _nearest_colour(background_rgb)
     if share < min_share:
         return Judgement(None, None, background, share)
-    colour = _nearest_colour(np.median(pixels[foreground], axis=0))
-    rows, columns = np.nonzero(foreground)
-    box_area = (rows.max() - rows.min() + 1) * (columns.max() - columns.min() + 1)
-    fill = foreground.sum() / box_area
-    shape = "square" if fill > 0.88 else "circle" if fill > 0.66 else "triangle"
-    return Judgement(colour, shape, background, share)
+    colour = _nearest_colour(np.median(pixels[region], axis=0))
+    return Judgement(colour, _closest_shape(region), background, share)

@@ -2,7 +2,9 @@
 
 The model serves one diffusers-format pipeline directory (safetensors only):
 - the directory named by the environment variable MODEL_WEIGHTS, when it is set;
-- else `weights/` in the project root, which `script/download-weights MODEL_ID` fills.
+- else `weights/` in the project root, which `script/download-weights MODEL_ID` fills;
+- else the small bundled model in `models/shapes-sd` (trained by `script/train-bundled-model`),
+  so a fresh clone generates real (if tiny) pictures with no download.
 
 Loading is always offline (`local_files_only`): the container never reaches the hub at boot.
 """
@@ -17,6 +19,8 @@ from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_WEIGHTS_DIR = PROJECT_ROOT / "weights"
+BUNDLED_MODEL_DIR = PROJECT_ROOT / "models" / "shapes-sd"
+"""The small model trained on the shapes world (`script/train-bundled-model`): the offline default."""
 WEIGHTS_ENV = "MODEL_WEIGHTS"
 DEFAULT_MODEL_ID = "stabilityai/stable-diffusion-xl-base-1.0"
 SOURCE_FILE = "sdcog-source.json"
@@ -41,7 +45,7 @@ class WeightsInfo:
 
 
 def resolve_weights_dir(environ: Mapping[str, str] = os.environ) -> Path:
-    """The pipeline directory to load: MODEL_WEIGHTS if set, else weights/."""
+    """The pipeline directory to load: MODEL_WEIGHTS if set, else weights/, else the bundled model."""
     configured = environ.get(WEIGHTS_ENV, "").strip()
     if configured:
         directory = Path(configured).expanduser()
@@ -54,9 +58,12 @@ def resolve_weights_dir(environ: Mapping[str, str] = os.environ) -> Path:
         return directory
     if (DEFAULT_WEIGHTS_DIR / "model_index.json").is_file():
         return DEFAULT_WEIGHTS_DIR
+    if (BUNDLED_MODEL_DIR / "model_index.json").is_file():
+        return BUNDLED_MODEL_DIR
     raise WeightsError(
-        f"No model weights: {DEFAULT_WEIGHTS_DIR} holds no model_index.json and {WEIGHTS_ENV} is not "
-        f"set. Run `script/download-weights {DEFAULT_MODEL_ID}` (or another diffusers Stable "
+        f"No model weights: neither {DEFAULT_WEIGHTS_DIR} nor the bundled {BUNDLED_MODEL_DIR} holds a "
+        f"model_index.json, and {WEIGHTS_ENV} is not set. Run `script/train-bundled-model`, or"
+        f" run `script/download-weights {DEFAULT_MODEL_ID}` (or another diffusers Stable "
         f"Diffusion repo id), or set {WEIGHTS_ENV}=/path/to/a/diffusers/pipeline "
         "(`script/make-random-pipeline tiny-sd15 DIR` makes a tiny random-weight one for trying things)."
     )

@@ -23,3 +23,20 @@ def tiny_sd15(tiny_pipelines) -> Path:
 @pytest.fixture(scope="session")
 def tiny_sdxl(tiny_pipelines) -> Path:
     return tiny_pipelines["tiny-sdxl"]
+
+
+_ORACLE_FIGURES: dict = {}
+
+
+@pytest.fixture(scope="session")
+def oracle_figures() -> dict:
+    """Figures the bundled-model oracle measured, printed at the end of the run."""
+    return _ORACLE_FIGURES
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not _ORACLE_FIGURES:
+        return
+    terminalreporter.section("shapes oracle: measured on the bundled model")
+    for name, value in _ORACLE_FIGURES.items():
+        terminalreporter.write_line(f"{name}: {value}")

@@ -39,12 +39,25 @@ def test_model_weights_pointing_nowhere_says_what_to_do(tmp_path):
         resolve_weights_dir({"MODEL_WEIGHTS": str(tmp_path)})
 
 
+def test_downloaded_weights_win_over_the_bundled_model(tmp_path, monkeypatch):
+    monkeypatch.setattr(weights, "DEFAULT_WEIGHTS_DIR", make_pipeline_dir(tmp_path / "weights"))
+    assert resolve_weights_dir({}) == tmp_path / "weights"
+
+
+def test_without_downloaded_weights_the_bundled_model_is_served(tmp_path, monkeypatch):
+    monkeypatch.setattr(weights, "DEFAULT_WEIGHTS_DIR", tmp_path / "weights")
+    assert resolve_weights_dir({}) == weights.BUNDLED_MODEL_DIR
+    assert inspect_weights(weights.BUNDLED_MODEL_DIR).name == "shapes-sd"
+
+
 def test_no_weights_at_all_says_what_to_run(tmp_path, monkeypatch):
     monkeypatch.setattr(weights, "DEFAULT_WEIGHTS_DIR", tmp_path / "weights")
+    monkeypatch.setattr(weights, "BUNDLED_MODEL_DIR", tmp_path / "models" / "shapes-sd")
     with pytest.raises(WeightsError) as error:
         resolve_weights_dir({})
-    assert "script/download-weights stabilityai/stable-diffusion-xl-base-1.0" in str(error.value)
-    assert "MODEL_WEIGHTS" in str(error.value)
+    message = str(error.value)
+    assert "script/download-weights stabilityai/stable-diffusion-xl-base-1.0" in message
+    assert "script/train-bundled-model" in message and "MODEL_WEIGHTS" in message
 
 
 def test_complete_directory_is_accepted_with_its_variant(tmp_path):

@@ -1,0 +1,66 @@
+"""How often a model draws what the prompt asks for, in the shapes world.
+
+Each scene's caption is the prompt; `sdcog.shapes.judge` reads the image back. An image adheres
+when its object has the asked colour and shape; the background is counted separately.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sdcog.engine import Engine
+from sdcog.request import resolve_request
+from sdcog.shapes import HELD_OUT_SCENES, Scene, judge
+
+
+@dataclass(frozen=True)
+class Adherence:
+    images: int
+    hits: int
+    """Object colour and shape both right."""
+    colour_hits: int
+    shape_hits: int
+    background_hits: int
+
+    @property
+    def rate(self) -> float:
+        return self.hits / self.images
+
+    def summary(self) -> str:
+        def share(count: int) -> str:
+            return f"{count / self.images:.1%}"
+
+        return (
+            f"prompt adherence {share(self.hits)} of {self.images} images "
+            f"(colour {share(self.colour_hits)}, shape {share(self.shape_hits)}, "
+            f"background {share(self.background_hits)})"
+        )
+
+
+def measure_adherence(
+    model: Engine | Path,
+    scenes: Iterable[Scene] = HELD_OUT_SCENES,
+    seeds: tuple[int, ...] = (0, 1),
+    device: str | None = None,
+    **request_options: Any,
+) -> Adherence:
+    """Generate each scene's caption once per seed (image i of a scene uses seeds[0] + i) and judge it."""
+    engine = model if isinstance(model, Engine) else Engine.load(model, torch.device(device or "cpu"))
+    counts = [0, 0, 0, 0, 0]
+    for scene in scenes:
+        request = resolve_request(
+            engine.limits, prompt=scene.caption, seed=seeds[0], num_outputs=len(seeds), **request_options
+        )
+        for image in engine.generate(request):
+            judgement = judge(image)
+            counts[0] += 1
+            counts[1] += judgement.matches(scene)
+            counts[2] += judgement.colour == scene.colour
+            counts[3] += judgement.shape == scene.shape
+            counts[4] += judgement.background == scene.background
+    return Adherence(*counts)
