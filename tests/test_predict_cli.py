@@ -5,6 +5,8 @@ from PIL import Image
 
 from sdcog import predict_cli
 from sdcog.outputs import read_infotext
+from sdcog.shapes import judge
+from sdcog.weights import DEFAULT_WEIGHTS_DIR
 
 PROPERTIES = {
     "prompt": {"type": "string"},
@@ -61,3 +63,19 @@ def test_a_refused_prediction_exits_non_zero_with_the_reason(tiny_sd15, tmp_path
     monkeypatch.setenv("MODEL_WEIGHTS", str(tiny_sd15))
     assert predict_cli.main(["-i", "width=100", "-i", "height=64", "-o", str(tmp_path)]) == 1
     assert "width: must be a multiple of 8" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(
+    (DEFAULT_WEIGHTS_DIR / "model_index.json").is_file(), reason="weights/ holds a model, which wins"
+)
+def test_the_readme_quick_start_draws_the_prompt_with_the_bundled_model(tmp_path, monkeypatch, capsys):
+    # README: script/predict -i prompt="a red circle on a blue background" -i seed=1
+    monkeypatch.delenv("MODEL_WEIGHTS", raising=False)
+    arguments = ["-i", "prompt=a red circle on a blue background", "-i", "seed=1", "-o", str(tmp_path)]
+    assert predict_cli.main(arguments) == 0
+    [written] = capsys.readouterr().out.split()
+    with Image.open(written) as image:
+        assert image.format == "WEBP" and image.size == (64, 64)
+        seen = judge(image)
+    assert (seen.colour, seen.shape, seen.background) == ("red", "circle", "blue")
+    assert "Model: shapes-sd" in read_infotext(written)
