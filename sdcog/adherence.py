@@ -51,16 +51,19 @@ def measure_adherence(
 ) -> Adherence:
     """Generate each scene's caption once per seed (image i of a scene uses seeds[0] + i) and judge it."""
     engine = model if isinstance(model, Engine) else Engine.load(model, torch.device(device or "cpu"))
-    counts = [0, 0, 0, 0, 0]
-    for scene in scenes:
-        request = resolve_request(
-            engine.limits, prompt=scene.caption, seed=seeds[0], num_outputs=len(seeds), **request_options
+    judged = [
+        (scene, judge(image))
+        for scene in scenes
+        for image in engine.generate(
+            resolve_request(
+                engine.limits, prompt=scene.caption, seed=seeds[0], num_outputs=len(seeds), **request_options
+            )
         )
-        for image in engine.generate(request):
-            judgement = judge(image)
-            counts[0] += 1
-            counts[1] += judgement.matches(scene)
-            counts[2] += judgement.colour == scene.colour
-            counts[3] += judgement.shape == scene.shape
-            counts[4] += judgement.background == scene.background
-    return Adherence(*counts)
+    ]
+    return Adherence(
+        images=len(judged),
+        hits=sum(seen.matches(scene) for scene, seen in judged),
+        colour_hits=sum(seen.colour == scene.colour for scene, seen in judged),
+        shape_hits=sum(seen.shape == scene.shape for scene, seen in judged),
+        background_hits=sum(seen.background == scene.background for scene, seen in judged),
+    )
