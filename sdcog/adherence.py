@@ -58,7 +58,7 @@ def measure_adherence(
             resolve_request(
                 engine.limits, prompt=scene.caption, seed=seeds[0], num_outputs=len(seeds), **request_options
             )
-        )
+        ).images
     ]
     return Adherence(
         images=len(judged),

@@ -8,6 +8,7 @@ no weights are copied.
 
 from __future__ import annotations
 
+import gc
 import inspect
 import logging
 import time
@@ -20,11 +21,13 @@ import transformers
 from diffusers import DiffusionPipeline
 from PIL import Image
 
+from sdcog.cancellation import CancelFlag
 from sdcog.families import ModelFamily, detect_family
 from sdcog.images import paste_back
+from sdcog.progress import StepProgress
 from sdcog.request import IMAGE_TO_IMAGE, INPAINT, TEXT_TO_IMAGE, GenerationRequest, ModelLimits
 from sdcog.schedulers import build_scheduler
-from sdcog.weights import WeightsInfo, inspect_weights
+from sdcog.weights import WeightsInfo, explain_load_error, inspect_weights
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +44,20 @@ def default_dtype(device: torch.device) -> torch.dtype:
 def seeded_generators(seeds: list[int]) -> list[torch.Generator]:
     """One CPU generator per image: the same seed gives the same noise on any device."""
     return [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
+
+
+SAFETY_PASSED, SAFETY_FLAGGED, SAFETY_DISABLED = "passed", "flagged (black image)", "disabled"
+
+
+@dataclass
+class Generation:
+    images: list[Image.Image]
+    safety: list[str] | None = None
+    """Per image, the safety checker's verdict (SAFETY_*), for the metadata; None: the model has none."""
+
+    @property
+    def flagged(self) -> list[bool]:
+        return [verdict == SAFETY_FLAGGED for verdict in self.safety or [SAFETY_PASSED] * len(self.images)]
 
 
 @dataclass
@@ -60,26 +77,46 @@ class Engine:
         weights = inspect_weights(directory)
         family = detect_family(directory)
         device = device or default_device()
-        pipeline_class = getattr(diffusers, family.pipeline_class)
-        pipeline = pipeline_class.from_pretrained(
+        dtype = default_dtype(device)
+        files = list(Path(directory).glob("*/*.safetensors"))
+        log.info(
+            "setup: loading %s (%s) from %s: %d safetensors files, %.1f MB%s, onto %s as %s",
+            weights.name,
+            family.label,
             directory,
-            local_files_only=True,
-            use_safetensors=True,
-            dtype=default_dtype(device),
-            variant=weights.variant,
+            len(files),
+            sum(path.stat().st_size for path in files) / 1e6,
+            f" ({weights.variant} variant)" if weights.variant else "",
+            device,
+            str(dtype).removeprefix("torch."),
         )
+        pipeline_class = getattr(diffusers, family.pipeline_class)
+        try:
+            pipeline = pipeline_class.from_pretrained(
+                directory,
+                local_files_only=True,
+                use_safetensors=True,
+                dtype=dtype,
+                variant=weights.variant,
+            )
+        except Exception as error:  # a damage the checks cannot see: name the file and the fix
+            raise explain_load_error(directory, error) from error
+        loaded = time.perf_counter()
         pipeline.to(device)
         engine = cls(pipeline=pipeline, family=family, weights=weights, device=device)
         limits = engine.limits
         log.info(
-            "loaded %s (%s, native %dx%d) from %s on %s in %.1f s",
+            "setup: loaded %s in %.1f s (reading %.1f s, moving to %s %.1f s); components: %s; "
+            "native size %dx%d; safety checker: %s",
             weights.name,
-            family.label,
+            time.perf_counter() - started,
+            loaded - started,
+            device,
+            time.perf_counter() - loaded,
+            ", ".join(name for name, module in pipeline.components.items() if module is not None),
             limits.native_width,
             limits.native_height,
-            directory,
-            device,
-            time.perf_counter() - started,
+            "on by default" if engine.has_safety_checker else "none in this model",
         )
         return engine
 
@@ -116,18 +153,33 @@ class Engine:
             for name in parameters
             if name not in components and name in loaded.config
         }
+        if request.disable_safety_checker and components.get("safety_checker") is not None:
+            components["safety_checker"] = None
+            settings["requires_safety_checker"] = False
         per_request = pipeline_class(**components, **settings)
         per_request.set_progress_bar_config(disable=True)
         return per_request
 
-    def generate(self, request: GenerationRequest) -> list[Image.Image]:
-        """Run one request: text-to-image, image-to-image or inpainting, by `request.mode`."""
-        pipeline = self._pipeline_for(request)
-        steps_run = 0
+    @property
+    def has_safety_checker(self) -> bool:
+        return getattr(self.pipeline, "safety_checker", None) is not None
 
-        def count_step(_pipeline, _step, _timestep, callback_kwargs):
-            nonlocal steps_run
-            steps_run += 1
+    def generate(self, request: GenerationRequest, cancel: CancelFlag | None = None) -> Generation:
+        """Run one request: text-to-image, image-to-image or inpainting, by `request.mode`.
+
+        Progress is logged per step (throttled); `cancel`, when set, stops the run after the
+        current step with `Cancelled` (the VAE decode is skipped). Running out of GPU memory frees
+        the cache and raises `OutOfMemory`, which suggests a smaller request.
+        """
+        pipeline = self._pipeline_for(request)
+        progress = StepProgress(total=request.num_inference_steps)
+
+        def on_step_end(running, _step, _timestep, callback_kwargs):
+            # The scheduler's own step count: fewer with image-to-image, more with 2nd-order samplers.
+            progress.total = running.num_timesteps
+            progress.step()
+            if cancel is not None:
+                cancel.check(f"after denoising step {progress.done} of {progress.total}")
             return callback_kwargs
 
         arguments = dict(
@@ -138,7 +190,7 @@ class Engine:
             num_images_per_prompt=request.num_outputs,
             generator=seeded_generators(request.seeds),
             output_type="pil",
-            callback_on_step_end=count_step,
+            callback_on_step_end=on_step_end,
         )
         if request.mode != IMAGE_TO_IMAGE:
             arguments.update(width=request.width, height=request.height)
@@ -146,15 +198,71 @@ class Engine:
             arguments.update(image=request.init_image, strength=request.prompt_strength)
         if request.mode == INPAINT:
             arguments.update(mask_image=request.mask_image)
-        images = list(pipeline(**arguments).images)
+        out_of_memory = False
+        try:
+            output = pipeline(**arguments)
+        except torch.OutOfMemoryError:
+            out_of_memory = True  # handled outside the except block, once its frames are released
+        if out_of_memory:
+            del pipeline
+            free_accelerator_memory()
+            raise OutOfMemory(request, self.device)
+        generation = Generation(images=list(output.images), safety=self._safety_verdicts(output, request))
         if request.mode == INPAINT:
-            images = [paste_back(image, request.init_image, request.mask_image) for image in images]
+            generation.images = [
+                image if is_flagged else paste_back(image, request.init_image, request.mask_image)
+                for image, is_flagged in zip(generation.images, generation.flagged, strict=True)
+            ]
         if request.mode != TEXT_TO_IMAGE:
             log.info(
                 "%s: prompt_strength %g ran %d of %d denoising steps",
                 request.mode,
                 request.prompt_strength,
-                steps_run,
+                progress.done,
                 request.num_inference_steps,
             )
-        return images
+        return generation
+
+    def _safety_verdicts(self, output: object, request: GenerationRequest) -> list[str] | None:
+        """The checker's verdict per image (diffusers made flagged ones black), flagged ones logged."""
+        if not self.has_safety_checker:
+            return None
+        if request.disable_safety_checker:
+            return [SAFETY_DISABLED] * request.num_outputs
+        flags = [bool(flag) for flag in output.nsfw_content_detected]
+        for index, flagged in enumerate(flags):
+            if flagged:
+                log.warning(
+                    "image %d (seed %d) was flagged by the safety checker and replaced by a black image",
+                    index,
+                    request.seeds[index],
+                )
+        if all(flags):
+            log.warning(
+                "all %d image(s) were flagged by the safety checker, so every output is black: "
+                "try another prompt or seed",
+                len(flags),
+            )
+        return [SAFETY_FLAGGED if flagged else SAFETY_PASSED for flagged in flags]
+
+
+def free_accelerator_memory() -> None:
+    """Release what a failed run left behind: Python garbage, then the CUDA cache."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+class OutOfMemory(RuntimeError):
+    """The GPU ran out of memory for a request; the message says what to ask for instead."""
+
+    def __init__(self, request: GenerationRequest, device: torch.device):
+        total = ""
+        if device.type == "cuda":
+            total = f" ({torch.cuda.get_device_properties(device).total_memory / 2**30:.0f} GiB GPU)"
+        super().__init__(
+            f"out of GPU memory{total} generating {request.num_outputs} image(s) of "
+            f"{request.width}x{request.height} with {request.num_inference_steps} steps: ask for a "
+            "smaller width and height, or fewer num_outputs. The memory has been freed; the next "
+            "prediction runs normally."
+        )

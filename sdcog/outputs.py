@@ -116,11 +116,17 @@ def save_image(image: Image.Image, path: Path, output_format: str, quality: int,
 
 
 def output_path(directory: Path, index: int, output_format: str) -> Path:
-    return directory / f"out-{index}.{FILE_EXTENSIONS[output_format]}"
+    """`out-<index>.<ext>` in `directory`; nothing the user sends can make it point elsewhere."""
+    path = directory / f"out-{int(index)}.{FILE_EXTENSIONS[output_format]}"
+    if path.resolve().parent != directory.resolve():
+        raise ValueError(f"output path {path} is outside the output directory {directory}")
+    return path
 
 
-def generation_infotext(request: GenerationRequest, seed: int, model_name: str) -> str:
-    """The infotext of one image of `request`, generated from `seed`."""
+def generation_infotext(
+    request: GenerationRequest, seed: int, model_name: str, safety: str | None = None
+) -> str:
+    """The infotext of one image of `request`, generated from `seed` (`safety`: the checker's verdict)."""
     fields = {
         "Steps": request.num_inference_steps,
         "Sampler": SCHEDULERS[request.scheduler].infotext_name,
@@ -136,24 +142,33 @@ def generation_infotext(request: GenerationRequest, seed: int, model_name: str) 
         fields["Mask blur"] = MASK_BLUR_PX
     if request.outpaint:
         fields["Outpaint"] = request.outpaint.describe()
+    fields["Safety checker"] = safety
     fields["Version"] = f"sdcog {__version__}"
     return format_infotext(request.prompt, request.negative_prompt, fields)
 
 
 def write_outputs(
-    images: Sequence[Image.Image], request: GenerationRequest, model_name: str, directory: Path
+    images: Sequence[Image.Image],
+    request: GenerationRequest,
+    model_name: str,
+    directory: Path,
+    safety: Sequence[str] | None = None,
 ) -> list[Path]:
-    """Encode each image of `request` into `directory` with its own parameters embedded."""
+    """Encode each image of `request` into `directory` with its own parameters embedded.
+
+    `safety` holds the safety checker's verdict per image (None: the model has no checker).
+    """
     directory.mkdir(parents=True, exist_ok=True)
+    verdicts = list(safety) if safety is not None else [None] * len(images)
     return [
         save_image(
             image,
             output_path(directory, index, request.output_format),
             request.output_format,
             request.output_quality,
-            generation_infotext(request, seed, model_name),
+            generation_infotext(request, seed, model_name, verdict),
         )
-        for index, (image, seed) in enumerate(zip(images, request.seeds, strict=True))
+        for index, (image, seed, verdict) in enumerate(zip(images, request.seeds, verdicts, strict=True))
     ]
 
 

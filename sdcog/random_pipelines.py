@@ -32,7 +32,16 @@ from diffusers import (
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+from transformers import (
+    CLIPConfig,
+    CLIPImageProcessor,
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    CLIPVisionConfig,
+)
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 MAX_TOKENS = 77
@@ -192,6 +201,28 @@ def _tiny_vae(**extra: Any) -> AutoencoderKL:
     return _vae((8, 16, 32, 32), norm_num_groups=8, sample_size=128, **extra)
 
 
+def _safety_checker(image_size: int, projection_dim: int, **vision: Any) -> StableDiffusionSafetyChecker:
+    """SD 1.x's safety checker (a CLIP vision tower scored against concept embeddings).
+
+    Built fresh, every concept threshold is 1 and a cosine never exceeds it: nothing is flagged
+    until a test lowers `concept_embeds_weights`.
+    """
+    vision_config = CLIPVisionConfig(image_size=image_size, projection_dim=projection_dim, **vision)
+    config = CLIPConfig(
+        text_config={"projection_dim": projection_dim},
+        vision_config=vision_config.to_dict(),
+        projection_dim=projection_dim,
+    )
+    return StableDiffusionSafetyChecker(config)
+
+
+def _feature_extractor(image_size: int) -> CLIPImageProcessor:
+    """CLIP's preprocessing (resize, centre crop, normalise) at `image_size`."""
+    return CLIPImageProcessor(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    )
+
+
 @dataclass(frozen=True)
 class Preset:
     description: str
@@ -207,9 +238,10 @@ def _tiny_sd15() -> DiffusionPipeline:
         text_encoder=CLIPTextModel(text),
         tokenizer=tokenizer,
         scheduler=PNDMScheduler.from_config(SD15_SCHEDULER),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
+        # Built last, so the other modules draw the same random weights as before it was added.
+        safety_checker=_safety_checker(32, 32, patch_size=8, **_TINY_CLIP),
+        feature_extractor=_feature_extractor(32),
+        requires_safety_checker=True,
     )
 
 
@@ -267,9 +299,19 @@ def _sd15_real_arch() -> DiffusionPipeline:
         text_encoder=CLIPTextModel(_clip_vit_l(tokenizer)),
         tokenizer=tokenizer,
         scheduler=PNDMScheduler.from_config(SD15_SCHEDULER),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
+        # CLIP ViT-L/14 at 224 pixels, as in the checkpoint's safety_checker folder.
+        safety_checker=_safety_checker(
+            224,
+            768,
+            patch_size=14,
+            hidden_size=1024,
+            intermediate_size=4096,
+            num_attention_heads=16,
+            num_hidden_layers=24,
+            hidden_act="quick_gelu",
+        ),
+        feature_extractor=_feature_extractor(224),
+        requires_safety_checker=True,
     )
 
 
@@ -317,9 +359,13 @@ def _sdxl_real_arch() -> DiffusionPipeline:
 
 
 PRESETS: dict[str, Preset] = {
-    "tiny-sd15": Preset("SD 1.x architecture, tiny (UNet 32/64 channels, 2-layer CLIP)", _tiny_sd15),
+    "tiny-sd15": Preset(
+        "SD 1.x architecture, tiny (UNet 32/64 channels, 2-layer CLIP, safety checker)", _tiny_sd15
+    ),
     "tiny-sdxl": Preset("SDXL architecture, tiny (two 2-layer CLIP encoders, text_time UNet)", _tiny_sdxl),
-    "sd15-real-arch": Preset("SD 1.5 UNet/VAE/CLIP ViT-L at full size (~1.1 B parameters)", _sd15_real_arch),
+    "sd15-real-arch": Preset(
+        "SD 1.5 UNet/VAE/CLIP ViT-L and safety checker at full size (~1.4 B parameters)", _sd15_real_arch
+    ),
     "sdxl-real-arch": Preset(
         "SDXL base 1.0 UNet/VAE/CLIP-L/bigG at full size (~3.5 B parameters)", _sdxl_real_arch
     ),

@@ -69,6 +69,8 @@ class GenerationRequest:
     """Black/white at the output size: white is repainted."""
     prompt_strength: float = DEFAULT_STRENGTH
     outpaint: Outpaint = field(default_factory=Outpaint)
+    disable_safety_checker: bool = False
+    """Skip the model's safety checker (models without one are never checked)."""
 
     @property
     def seeds(self) -> list[int]:
@@ -137,6 +139,7 @@ def resolve_request(
     mask: Image.Image | None = None,
     prompt_strength: float = DEFAULT_STRENGTH,
     outpaint: Outpaint | None = None,
+    disable_safety_checker: bool = False,
 ) -> GenerationRequest:
     """Check every input and fill every default; raises InputError on the first broken rule.
 
@@ -178,6 +181,7 @@ def resolve_request(
         guidance_scale = family.default_guidance
     _require_type("guidance_scale", guidance_scale, (int, float), "a number")
     _check_range("guidance_scale", guidance_scale, GUIDANCE_MIN, GUIDANCE_MAX)
+    _require_type("disable_safety_checker", disable_safety_checker, (bool,), "true or false")
     _require_type("prompt_strength", prompt_strength, (int, float), "a number")
     _check_range("prompt_strength", prompt_strength, STRENGTH_MIN, STRENGTH_MAX)
     if mode != TEXT_TO_IMAGE and int(num_inference_steps * prompt_strength) < 1:
@@ -203,6 +207,7 @@ def resolve_request(
         mask_image=mask_image,
         prompt_strength=float(prompt_strength),
         outpaint=outpaint,
+        disable_safety_checker=disable_safety_checker,
     )
 
 

@@ -45,7 +45,7 @@ def default_adherence(engine):
 def generate(engine, prompt, seed=0, num_outputs=1, **inputs):
     return engine.generate(
         resolve_request(engine.limits, prompt=prompt, seed=seed, num_outputs=num_outputs, **inputs)
-    )
+    ).images
 
 
 def test_held_out_prompts_are_followed(engine, default_adherence, oracle_figures):

@@ -25,7 +25,7 @@ def generate(engine, **inputs):
     arguments.update(inputs)
     return [
         np.asarray(image, dtype=np.int16)
-        for image in engine.generate(resolve_request(engine.limits, **arguments))
+        for image in engine.generate(resolve_request(engine.limits, **arguments)).images
     ]
 
 

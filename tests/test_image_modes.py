@@ -47,7 +47,7 @@ def run(engine, **inputs):
     arguments = {"prompt": "a red circle on a blue background", "num_inference_steps": STEPS, "seed": 3}
     arguments.update(inputs)
     request = resolve_request(engine.limits, **arguments)
-    return request, engine.generate(request)
+    return request, engine.generate(request).images
 
 
 def as_array(image):

@@ -24,7 +24,7 @@ def test_a_short_training_run_saves_a_loadable_model_with_its_curve_and_card(tmp
         resolve_request(
             engine.limits, prompt="a red circle on a blue background", seed=1, num_inference_steps=2
         )
-    )
+    ).images
     assert image.size == (64, 64)
 
 

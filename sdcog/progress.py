@@ -1,0 +1,71 @@
+"""Denoising progress as log lines a client can turn into a progress bar.
+
+Each line has tqdm's layout, which Replicate's web UI and its clients already parse from the
+`logs` of a prediction (for example replicate-javascript's `parseProgressFromLogs`):
+
+    denoising  40%|████      | 12/30 [00:01<00:02, 9.52it/s]
+
+A regex for it: `(\\d+)%\\|[^|]*\\| (\\d+)/(\\d+)`. Lines are throttled: the first and the last step are
+always logged, others at most every `interval` seconds, so a fast GPU does not flood the logs (or
+the `logs` webhook) and a slow CPU still shows movement.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+log = logging.getLogger(__name__)
+
+BAR_WIDTH = 10
+DEFAULT_INTERVAL_SECONDS = 0.5
+
+
+def _clock(seconds: float) -> str:
+    minutes, seconds = divmod(int(seconds), 60)
+    return f"{minutes:02d}:{seconds:02d}"
+
+
+def format_progress(label: str, done: int, total: int, elapsed: float) -> str:
+    """One tqdm-style line: `label  40%|████      | 12/30 [00:01<00:02, 9.52it/s]`."""
+    fraction = done / total if total else 1.0
+    filled = int(fraction * BAR_WIDTH)
+    bar = "█" * filled + " " * (BAR_WIDTH - filled)
+    rate = done / elapsed if elapsed > 0 else 0.0
+    remaining = (total - done) / rate if rate > 0 else 0.0
+    speed = f"{rate:.2f}it/s" if rate >= 1 or rate == 0 else f"{1 / rate:.2f}s/it"
+    return (
+        f"{label} {int(fraction * 100):3d}%|{bar}| {done}/{total} "
+        f"[{_clock(elapsed)}<{_clock(remaining)}, {speed}]"
+    )
+
+
+class StepProgress:
+    """Counts denoising steps and logs a throttled progress line for them."""
+
+    def __init__(
+        self,
+        total: int,
+        label: str = "denoising",
+        interval: float = DEFAULT_INTERVAL_SECONDS,
+        clock: Callable[[], float] = time.perf_counter,
+        emit: Callable[[str], None] = log.info,
+    ):
+        self.total = total
+        self.label = label
+        self.interval = interval
+        self.done = 0
+        self._clock = clock
+        self._emit = emit
+        self._started = clock()
+        self._last_logged: float | None = None
+
+    def step(self) -> None:
+        """Record one finished step; log a line if it is the first, the last, or `interval` has passed."""
+        self.done += 1
+        now = self._clock()
+        due = self._last_logged is None or now - self._last_logged >= self.interval
+        if due or self.done >= self.total:
+            self._last_logged = now
+            self._emit(format_progress(self.label, self.done, self.total, now - self._started))
