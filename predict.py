@@ -10,8 +10,10 @@ import sys
 
 from cog import BasePredictor, Input, Path
 
+from sdcog.cancellation import run_cancellable
 from sdcog.engine import Engine
 from sdcog.images import Outpaint, open_image
+from sdcog.input_files import guard_cog_downloads, read_input_file
 from sdcog.outputs import OutputDirectory, write_outputs
 from sdcog.request import resolve_request
 from sdcog.weights import resolve_weights_dir
@@ -22,6 +24,7 @@ log = logging.getLogger("sdcog")
 class Predictor(BasePredictor):
     def setup(self) -> None:
         logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout, force=True)
+        guard_cog_downloads()
         self.engine = Engine.load(resolve_weights_dir())
         self.outputs = OutputDirectory()
 
@@ -125,6 +128,10 @@ class Predictor(BasePredictor):
             ge=1,
             le=100,
         ),
+        disable_safety_checker: bool = Input(
+            description="Skip the model's safety checker (for models that ship one, such as SD 1.5). When it runs, a flagged image is replaced by a black image, and the logs and the image's metadata say so.",  # noqa: E501
+            default=False,
+        ),
     ) -> list[Path]:
         request = resolve_request(
             self.engine.limits,
@@ -139,13 +146,17 @@ class Predictor(BasePredictor):
             seed=seed,
             output_format=output_format,
             output_quality=output_quality,
-            image=None if image is None else open_image("image", image),
-            mask=None if mask is None else open_image("mask", mask),
+            image=None if image is None else open_image("image", read_input_file("image", image)),
+            mask=None if mask is None else open_image("mask", read_input_file("mask", mask)),
             prompt_strength=prompt_strength,
             outpaint=Outpaint(outpaint_left, outpaint_top, outpaint_right, outpaint_bottom),
+            disable_safety_checker=disable_safety_checker,
         )
         for index, image_seed in enumerate(request.seeds):
             log.info("image %d: seed %d", index, image_seed)
-        images = self.engine.generate(request)
-        paths = write_outputs(images, request, self.engine.weights.name, self.outputs.next())
+        # In a worker thread, so that a cancel stops it between two denoising steps.
+        generation = run_cancellable(lambda cancel: self.engine.generate(request, cancel))
+        paths = write_outputs(
+            generation.images, request, self.engine.weights.name, self.outputs.next(), generation.safety
+        )
         return [Path(path) for path in paths]

@@ -9,8 +9,9 @@ edge without touching a single kept pixel.
 
 from __future__ import annotations
 
+import io
+import warnings
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
@@ -18,17 +19,34 @@ from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
 from sdcog.errors import InputError
 
 MASK_BLUR_PX = 4
+MAX_INPUT_PIXELS = 50_000_000
+"""Larger input images are refused before decoding (an 8K photo is 33 megapixels)."""
 SIZE_MULTIPLE = 8
 _EDGE_FILL_BLUR_PX = 16
 
 
-def open_image(field: str, path: Path | str) -> Image.Image:
-    """Read an uploaded file as an image (EXIF orientation applied), or refuse it naming `field`."""
+def open_image(field: str, data: bytes) -> Image.Image:
+    """Decode an uploaded file as an image (EXIF orientation applied), or refuse it naming `field`.
+
+    The size in the file's header is checked before any pixel is decoded, so a small file that
+    claims a huge image (a decompression bomb) costs nothing.
+    """
     try:
-        with Image.open(path) as image:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused below instead
+            image = Image.open(io.BytesIO(data))
+        with image:
+            if image.width * image.height > MAX_INPUT_PIXELS:
+                raise InputError(
+                    field,
+                    f"is {image.width}x{image.height} pixels; the limit is "
+                    f"{MAX_INPUT_PIXELS // 1_000_000} megapixels (scale it down first)",
+                )
             image.load()
             upright = ImageOps.exif_transpose(image)
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as error:
+        if isinstance(error, InputError):
+            raise
         raise InputError(field, f"is not a readable image file ({type(error).__name__}: {error})") from error
     return upright
 
