@@ -27,7 +27,8 @@ from sdcog.images import paste_back
 from sdcog.progress import StepProgress
 from sdcog.request import IMAGE_TO_IMAGE, INPAINT, TEXT_TO_IMAGE, GenerationRequest, ModelLimits
 from sdcog.schedulers import build_scheduler
-from sdcog.weights import WeightsInfo, explain_load_error, inspect_weights
+from sdcog.weights import WeightsInfo
+from sdcog.weights_check import explain_load_error, inspect_weights
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Damaged weights through Cog's real HTTP server: setup fails, and says which file and what to run.
 
 One server start per case (each costs seconds); the cases themselves are unit-tested in
-tests/test_weights.py.
+tests/test_weights_check.py.
 """
 
 import json

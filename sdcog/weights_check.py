@@ -1,0 +1,536 @@
+"""Checking a pipeline directory before loading it, and explaining a load that fails anyway.
+
+`inspect_weights` runs before diffusers reads anything and turns every damaged-directory case
+we know of into a WeightsError that names the file and the command that fixes it (see its
+docstring for what is and is not checked); `explain_load_error` does the same for a failure that
+still happens inside diffusers' `from_pretrained`; `partial_download_error` words the case
+`resolve_weights_dir` refuses: a weights/ that holds part of a download but no model_index.json.
+Where the weights are and how they are fetched is sdcog/weights.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+from sdcog import weights
+from sdcog.weights import (
+    _HUB_DOWNLOAD_DIR,
+    _WEIGHTS_SUFFIX,
+    DEFAULT_MODEL_ID,
+    FP16_VARIANT,
+    SOURCE_FILE,
+    WEIGHTS_ENV,
+    WeightsError,
+    WeightsInfo,
+    _components,
+)
+
+_UNSAFE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
+_LFS_POINTER = b"version https://git-lfs"
+
+
+@dataclass(frozen=True)
+class _Component:
+    """One entry of model_index.json: folder name, library and class (what decides the files it needs)."""
+
+    name: str
+    library: str
+    class_name: str
+
+    @property
+    def kind(self) -> str:
+        if self.class_name.endswith("Scheduler") or self.name == "scheduler":
+            return "scheduler"
+        if "Tokenizer" in self.class_name or self.name.startswith("tokenizer"):
+            return "tokenizer"
+        if "ImageProcessor" in self.class_name or "FeatureExtractor" in self.class_name:
+            return "processor"
+        return "processor" if self.name == "feature_extractor" else "model"
+
+    @property
+    def weights_stem(self) -> str:
+        """diffusers models load `diffusion_pytorch_model*.safetensors`; transformers ones `model*`."""
+        return "diffusion_pytorch_model" if self.library == "diffusers" else "model"
+
+
+_REQUIRED_CONFIG = {
+    "model": "config.json",
+    "scheduler": "scheduler_config.json",
+    "processor": "preprocessor_config.json",
+}
+
+
+def _component_specs(model_index: Mapping[str, object]) -> list[_Component]:
+    specs = []
+    for name in _components(model_index):
+        value = model_index[name]
+        library = str(value[0])
+        class_name = str(value[1]) if len(value) > 1 else ""
+        specs.append(_Component(name, library, class_name))
+    return specs
+
+
+Problem = tuple[str, Path | None]
+"""What is wrong, and the file to delete before fetching it again (None: nothing to delete)."""
+
+
+def _same_dir(first: Path, second: Path) -> bool:
+    try:
+        return first.resolve() == second.resolve()
+    except OSError:
+        return False
+
+
+def _read_source(directory: Path) -> tuple[dict, Problem | None]:
+    """sdcog-source.json (empty when absent), and the problem when it does not parse."""
+    path = directory / SOURCE_FILE
+    if not path.is_file():
+        return {}, None
+    problem = _json_problem(path)
+    if problem:
+        return {}, (problem, path)
+    source = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(source, dict):
+        return {}, (f"{path} is not a JSON object", path)
+    return source, None
+
+
+def _remedy(directory: Path, source: Mapping[str, object], delete: str = "", purpose: str = "") -> str:
+    """What to run: restore the bundled model, or fetch the pipeline again (after deleting `delete`)."""
+    # The two locations are read from sdcog.weights at call time, as when this code lived there: one
+    # setting for resolve_weights_dir and these messages, also when it is changed (tests patch it).
+    if _same_dir(directory, weights.BUNDLED_MODEL_DIR):
+        return (
+            "Restore the bundled model with `git checkout -- models/shapes-sd`, or rebuild it with "
+            "`script/train-bundled-model`."
+        )
+    model_id = source.get("model_id")
+    command = f"script/download-weights {model_id or DEFAULT_MODEL_ID}"
+    if not _same_dir(directory, weights.DEFAULT_WEIGHTS_DIR):
+        command += f" --dest {shlex.quote(str(directory))}"
+    origin = "" if model_id else " (or the hub repo id these weights came from)"
+    start = f"Delete {delete}, then run" if delete else "Run"
+    purpose = purpose or ("to fetch it again" if delete else "to fetch what is missing")
+    return f"{start} `{command}`{origin} {purpose}, or point {WEIGHTS_ENV} at a complete pipeline."
+
+
+def partial_download_error(directory: Path) -> WeightsError:
+    """What `resolve_weights_dir` raises for a weights/ that holds part of a download (an
+    sdcog-source.json or huggingface_hub's bookkeeping) but no model_index.json."""
+    source = _read_source(directory)[0]
+    return WeightsError(
+        f"{directory / 'model_index.json'} is missing, but {directory} holds part "
+        f"of a download (an interrupted `script/download-weights`). "
+        f"{_remedy(directory, source, purpose='to finish it')} To serve the bundled model "
+        f"instead, empty {directory} (keep its README.md)."
+    )
+
+
+def _weights_error(
+    directory: Path, source: Mapping[str, object], problems: list[Problem], purpose: str = ""
+) -> WeightsError:
+    damaged = [path for _, path in problems if path is not None]
+    if len(problems) == 1:
+        delete = "it" if damaged else ""
+        return WeightsError(f"{problems[0][0]}. {_remedy(directory, source, delete, purpose)}")
+    delete = str(damaged[0]) if len(damaged) == 1 else "the damaged files named above" if damaged else ""
+    listing = "\n".join(f"- {text}" for text, _ in problems)
+    remedy = _remedy(directory, source, delete, "to fetch what is missing" if damaged else purpose)
+    return WeightsError(f"{directory} is not a complete pipeline:\n{listing}\n{remedy}")
+
+
+def _json_problem(path: Path) -> str | None:
+    """Why `path` is not a JSON file, or None."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        return f"{path} is not JSON (not even UTF-8 text)"
+    except OSError as error:
+        return f"{path} cannot be read ({error.strerror or error})"
+    if not text.strip():
+        return f"{path} is empty"
+    if text.lstrip().startswith("<"):
+        return f"{path} is an HTML/XML page, not JSON (an error page saved in the file's place)"
+    try:
+        json.loads(text)
+    except json.JSONDecodeError as error:
+        return (
+            f"{path} is not valid JSON ({error.msg} at line {error.lineno}, column {error.colno}: truncated?)"
+        )
+    return None
+
+
+def _hub_leftovers(directory: Path) -> list[Path]:
+    """huggingface_hub's partial files in a `local_dir` download that no later run finished.
+
+    huggingface_hub 2.4 downloads each file to `.cache/huggingface/download/<folder>/
+    <hash>.<etag>.<id>.incomplete` and moves it into place when complete (removing the partial file
+    on an ordinary error or Ctrl-C; a killed process or a lost machine leaves it). A leftover whose
+    etag a `<file>.metadata` in the same folder records was downloaded again afterwards: stale.
+    """
+    download_dir = directory / _HUB_DOWNLOAD_DIR
+    if not download_dir.is_dir():
+        return []
+    finished: dict[Path, set[str]] = {}
+    leftovers = []
+    for path in sorted(download_dir.rglob("*.incomplete")):
+        if path.parent not in finished:
+            finished[path.parent] = set()
+            for metadata in path.parent.glob("*.metadata"):
+                try:
+                    lines = metadata.read_text(encoding="utf-8").splitlines()
+                except (OSError, UnicodeDecodeError):
+                    continue
+                if len(lines) >= 2:
+                    finished[path.parent].add(lines[1].strip())
+        parts = path.name.split(".")
+        if len(parts) >= 3 and parts[1] in finished[path.parent]:
+            continue
+        leftovers.append(path)
+    return leftovers
+
+
+def _unfinished_download(directory: Path, source: Mapping[str, object]) -> Problem | None:
+    if source.get("complete") is False:
+        return (
+            f"{directory / SOURCE_FILE} says the download of {source.get('model_id', 'the model')} into "
+            f"{directory} did not finish (it was interrupted)",
+            None,
+        )
+    leftovers = _hub_leftovers(directory)
+    if leftovers:
+        more = f" (and {len(leftovers) - 1} more)" if len(leftovers) > 1 else ""
+        return f"{leftovers[0]}{more} is left over from an interrupted download into {directory}", None
+    return None
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    """Why `path` is not a complete safetensors file, or None; reads its header only.
+
+    safetensors' `safe_open` decides: it maps the file and parses the header, and refuses a file
+    whose size is not exactly 8 + header length + the end of the last tensor's data. The wording
+    (truncated, empty, HTML page, Git LFS pointer) comes from reading the first bytes ourselves.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy"):
+            return None
+    except SafetensorError as error:
+        return _describe_bad_safetensors(path, str(error))
+    except OSError as error:
+        return f"{path} cannot be read ({error.strerror or error})"
+
+
+_MAX_HEADER_BYTES = 100_000_000
+"""safetensors refuses larger headers too."""
+
+
+def _describe_bad_safetensors(path: Path, library_error: str) -> str:
+    size = path.stat().st_size
+    if size == 0:
+        return f"{path} is empty (0 bytes): an interrupted copy or download, or a full disk"
+    with path.open("rb") as file:
+        start = file.read(64)
+        if start.startswith(_LFS_POINTER):
+            return (
+                f"{path} is a Git LFS pointer ({size} bytes), not the weights: the repository was cloned "
+                "without git-lfs (`git lfs pull` fetches the real files)"
+            )
+        if start.lstrip().startswith(b"<"):
+            return (
+                f"{path} is an HTML/XML page ({size:,} bytes), not safetensors "
+                "(an error page saved in its place)"
+            )
+        if size < 8:
+            return f"{path} is truncated: {size} bytes, shorter than a safetensors header"
+        header_length = int.from_bytes(start[:8], "little")
+        if header_length > _MAX_HEADER_BYTES or start[8:9] not in (b"{", b""):
+            return f"{path} is not a safetensors file (it does not start with a header length and JSON)"
+        if 8 + header_length > size:
+            return (
+                f"{path} is truncated: {size:,} bytes on disk, but its header alone is "
+                f"{8 + header_length:,} bytes (an interrupted copy or download, or a full disk)"
+            )
+        file.seek(8)
+        header = file.read(header_length)
+    try:
+        tensors = json.loads(header)
+        data_end = max(
+            (entry["data_offsets"][1] for name, entry in tensors.items() if name != "__metadata__"),
+            default=0,
+        )
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+        return f"{path} is not a valid safetensors file (safetensors: {library_error})"
+    expected = 8 + header_length + int(data_end)
+    if size < expected:
+        return (
+            f"{path} is truncated: {size:,} bytes on disk, but its header describes {expected:,} "
+            "(an interrupted copy or download, or a full disk)"
+        )
+    if size > expected:
+        return (
+            f"{path} has {size - expected:,} bytes more than its header describes ({size:,} on disk, "
+            f"{expected:,} expected): damaged"
+        )
+    return f"{path} is not a valid safetensors file (safetensors: {library_error})"
+
+
+def _tokenizer_problems(folder: Path, component: _Component) -> list[Problem]:
+    """A CLIP tokenizer loads from tokenizer.json, or from vocab.json + merges.txt.
+
+    With neither, transformers 5 does not fail: it builds a tokenizer with a 2-token vocabulary,
+    and every prompt comes out as the same tokens.
+    """
+    if not component.class_name.startswith("CLIPTokenizer"):
+        return []
+    merges = folder / "merges.txt"
+    if merges.is_file() and merges.stat().st_size == 0:
+        return [(f"{merges} is empty", merges)]
+    if (folder / "tokenizer.json").is_file():
+        return []
+    missing = [folder / name for name in ("vocab.json", "merges.txt") if not (folder / name).is_file()]
+    if not missing:
+        return []
+    names = " and ".join(str(path) for path in missing)
+    return [
+        (
+            f"{names} {'is' if len(missing) == 1 else 'are'} missing, and there is no tokenizer.json: "
+            f"the {component.class_name} needs vocab.json + merges.txt or tokenizer.json (without them "
+            "transformers builds an empty vocabulary and ignores every prompt)",
+            None,
+        )
+    ]
+
+
+def _weights_candidates(folder: Path, component: _Component, variant: str | None) -> tuple[Path, Path]:
+    """The single file and the shard index diffusers/transformers look for, of the given variant."""
+    infix = f".{variant}" if variant else ""
+    stem = component.weights_stem
+    return folder / f"{stem}{infix}{_WEIGHTS_SUFFIX}", folder / f"{stem}{_WEIGHTS_SUFFIX}.index{infix}.json"
+
+
+def _has_variant(folder: Path, component: _Component, variant: str | None) -> bool:
+    return any(path.is_file() for path in _weights_candidates(folder, component, variant))
+
+
+def _weights_files(
+    folder: Path, component: _Component, variant: str | None, variant_origin: str
+) -> tuple[list[Path], list[Problem]]:
+    """The weights files loading will read (one file, or the shards an index lists), and what is missing."""
+    single, index = _weights_candidates(folder, component, variant)
+    files: list[Path] = [single] if single.is_file() else []
+    problems: list[Problem] = []
+    if index.is_file():
+        problem = _json_problem(index)
+        shards: object = None
+        if problem is None:
+            listing = json.loads(index.read_text(encoding="utf-8"))
+            weight_map = listing.get("weight_map") if isinstance(listing, dict) else None
+            if isinstance(weight_map, dict) and weight_map:
+                shards = sorted({str(name) for name in weight_map.values()})
+            else:
+                problem = f"{index} has no weight_map naming its shards"
+        if problem:
+            return files, [(problem, index)]
+        for name in shards:
+            shard = folder / name
+            if shard.is_file():
+                files.append(shard)
+            else:
+                problems.append((f"{shard} is missing ({index.name} lists it)", None))
+    if files or problems:
+        return files, problems
+    present = sorted(path.name for path in folder.iterdir() if path.is_file())
+    other_weights = [name for name in present if name.endswith(_WEIGHTS_SUFFIX)]
+    pickles = [name for name in present if name.endswith(_UNSAFE_SUFFIXES)]
+    if variant and _has_variant(folder, component, None):
+        detail = (
+            f" ({variant_origin}; {folder.name} has only full-precision weights: a mix of two "
+            "downloads, or one interrupted)"
+        )
+    elif other_weights:
+        detail = f" (found {', '.join(other_weights)}, which the {component.class_name} loader does not read)"
+    elif pickles:
+        detail = f" (only {', '.join(pickles)}: pickle files are never loaded)"
+    else:
+        detail = ""
+    return [], [(f"{single} is missing{detail}", None)]
+
+
+def inspect_weights(directory: Path) -> WeightsInfo:
+    """Check that `directory` is a complete safetensors pipeline; raise WeightsError naming what is wrong.
+
+    Fast by design (SDXL's ~7 GB of weights are never read or hashed): it reads the small JSON and
+    text files and the header of each weights file that loading will use. Checked:
+    - model_index.json and sdcog-source.json parse; no `script/download-weights` run is still
+      marked unfinished, and no huggingface_hub `.incomplete` file that no later run finished is
+      left in `.cache/huggingface/download/` (an interrupted download);
+    - every component model_index.json names has its folder and the files its loader needs:
+      config.json for models, scheduler_config.json, preprocessor_config.json for the feature
+      extractor, and for a CLIP tokenizer tokenizer.json or vocab.json + merges.txt; every .json
+      file in a component folder parses;
+    - every model component has the weights diffusers/transformers will load for the variant
+      (`<stem>[.fp16].safetensors`, or a `<stem>.safetensors.index[.fp16].json` whose shards all
+      exist); with fp16, a component with only full-precision weights is named (mixed variants);
+    - each of those weights files is complete: safetensors' `safe_open` parses the header and
+      refuses an empty file, something else saved under the name (an HTML page, a Git LFS
+      pointer) and a size other than 8 + header + the end of the tensor data (a truncated file).
+
+    Not checked: the tensor bytes (damage inside a file of the right size needs a full read and a
+    hash), whether tensor shapes match the configs (diffusers finds out while loading: wrap that in
+    `explain_load_error`), the contents of merges.txt, and files loading does not read (pickles,
+    another variant's weights).
+    """
+    source, source_problem = _read_source(directory)
+    if source_problem:
+        raise _weights_error(directory, source, [source_problem])
+    unfinished = _unfinished_download(directory, source)
+    if unfinished:
+        raise _weights_error(directory, source, [unfinished], purpose="to finish it")
+    index_path = directory / "model_index.json"
+    if not index_path.is_file():
+        raise _weights_error(directory, source, [(f"{index_path} is missing", None)])
+    problem = _json_problem(index_path)
+    if problem:
+        raise _weights_error(directory, source, [(problem, index_path)])
+    model_index = json.loads(index_path.read_text(encoding="utf-8"))
+    if not isinstance(model_index, dict):
+        raise _weights_error(directory, source, [(f"{index_path} is not a JSON object", index_path)])
+    components = _component_specs(model_index)
+    models = [component for component in components if component.kind == "model"]
+    if isinstance(source.get("variant"), str | None) and "variant" in source:
+        variant = source["variant"]
+        variant_origin = f"{SOURCE_FILE} says the {variant} variant was downloaded"
+    else:
+        with_fp16 = [c.name for c in models if _has_variant(directory / c.name, c, FP16_VARIANT)]
+        variant = FP16_VARIANT if with_fp16 else None
+        variant_origin = f"{', '.join(with_fp16)} {'has' if len(with_fp16) == 1 else 'have'} fp16 weights"
+    problems: list[Problem] = []
+    weights_files: list[Path] = []
+    for component in components:
+        folder = directory / component.name
+        if not folder.is_dir():
+            problems.append((f"{folder} is missing (model_index.json names it)", None))
+            continue
+        for path in sorted(folder.glob("*.json")):
+            if ".safetensors.index" not in path.name:
+                problem = _json_problem(path)
+                if problem:
+                    problems.append((problem, path))
+        required = _REQUIRED_CONFIG.get(component.kind)
+        if required and not (folder / required).is_file():
+            problems.append((f"{folder / required} is missing", None))
+        if component.kind == "tokenizer":
+            problems += _tokenizer_problems(folder, component)
+        if component.kind == "model":
+            files, missing = _weights_files(folder, component, variant, variant_origin)
+            weights_files += files
+            problems += missing
+    for path in weights_files:
+        problem = _safetensors_problem(path)
+        if problem:
+            problems.append((problem, path))
+    if problems:
+        raise _weights_error(directory, source, problems)
+    name = source.get("model_id") or directory.resolve().name
+    return WeightsInfo(directory=directory, name=str(name), variant=variant)
+
+
+def _error_chain(error: BaseException) -> list[BaseException]:
+    chain: list[BaseException] = []
+    current: BaseException | None = error
+    while current is not None and all(current is not seen for seen in chain):
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    return chain
+
+
+def _path_inside(directory: Path, value: object) -> Path | None:
+    """`value` as an existing path strictly inside `directory`, else None (cheap for other values)."""
+    if not isinstance(value, str | os.PathLike):
+        return None
+    text = os.fspath(value)
+    if not isinstance(text, str) or len(text) > 4096:
+        return None
+    roots = {str(directory), str(directory.resolve())}
+    if not any(text.startswith(root) for root in roots):
+        return None
+    path = Path(text)
+    try:
+        inside = path.resolve().relative_to(directory.resolve())
+    except (OSError, ValueError):
+        return None
+    return path if inside.parts and path.exists() else None
+
+
+def _frames(traceback: TracebackType | None) -> list:
+    frames = []
+    while traceback is not None:
+        frames.append(traceback.tb_frame)
+        traceback = traceback.tb_next
+    return frames
+
+
+def _culprit(directory: Path, error: BaseException) -> Path:
+    """The file or component folder a loading error is about: named in its message, else held by
+    the innermost traceback frame that had a path inside `directory`; else `directory` itself."""
+    chain = _error_chain(error)
+    pattern = "|".join(re.escape(root) for root in {str(directory), str(directory.resolve())})
+    for current in chain:
+        for match in re.finditer(f"(?:{pattern})[^\\s'\"`,;()]*", str(current)):
+            found = _path_inside(directory, match.group(0).rstrip("."))
+            if found:
+                return found
+    for current in chain:
+        for frame in reversed(_frames(current.__traceback__)):
+            found = [
+                path for value in list(frame.f_locals.values()) if (path := _path_inside(directory, value))
+            ]
+            if found:
+                return min(found, key=lambda path: (not path.is_file(), len(str(path))))
+    return directory
+
+
+def _is_out_of_memory(error: BaseException) -> bool:
+    return any(
+        isinstance(current, MemoryError) or type(current).__name__ == "OutOfMemoryError"
+        for current in _error_chain(error)
+    )
+
+
+def explain_load_error(directory: Path, error: BaseException) -> WeightsError:
+    """Word an exception from diffusers' `from_pretrained(directory)` as a WeightsError.
+
+    The checks run again first: a file damaged since setup checked it gets their message. Else it
+    is something they cannot see (weights whose shapes do not match their config.json, a loader
+    error of a newer library): the message names the file or component folder being loaded (from
+    the error's text, else from the innermost traceback frame that held a path inside
+    `directory`), keeps the error's first line and says what to run. Running out of memory is
+    said as such. Use: `raise explain_load_error(directory, error) from error`.
+    """
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    reason = f"{type(error).__name__}: {lines[0][:400] if lines else '(no message)'}"
+    if _is_out_of_memory(error):
+        return WeightsError(
+            f"Ran out of memory while loading {directory} ({reason}). The files are not the problem: "
+            f"use a machine with more memory, or point {WEIGHTS_ENV} at a smaller model."
+        )
+    try:
+        inspect_weights(directory)  # changed since setup checked it?
+    except WeightsError as found:
+        return found
+    source = _read_source(directory)[0]
+    culprit = _culprit(directory, error)
+    return WeightsError(
+        f"Loading {culprit} failed ({reason}). The files passed the checks before loading, so it is "
+        "probably weights that do not match their config.json, or damage inside a file. "
+        f"{_remedy(directory, source, delete='it')}"
+    )
