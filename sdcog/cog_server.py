@@ -49,8 +49,26 @@ class CogServer:
     def health(self) -> dict:
         return httpx.get(f"{self.url}/health-check", timeout=10).json()
 
+    def settled_status(self, timeout: float = 5) -> str:
+        """The health-check status once it is no longer BUSY (or after `timeout` seconds).
+
+        coglet 0.23 answers a prediction a few milliseconds before it frees the slot, so a
+        status read right after an answer may still say BUSY.
+        """
+        deadline = time.monotonic() + timeout
+        status = self.health()["status"]
+        while status == "BUSY" and time.monotonic() < deadline:
+            time.sleep(0.005)
+            status = self.health()["status"]
+        return status
+
     def predict(self, inputs: Mapping[str, object], timeout: float = 600, **extra: object) -> httpx.Response:
-        """A synchronous prediction: POST /predictions and wait for the answer."""
+        """A synchronous prediction: POST /predictions and wait for the answer.
+
+        Waits for the previous prediction's slot to be freed first (see `settled_status`), as
+        a sequential client must, or a request sent right after an answer may get 409.
+        """
+        self.settled_status()
         return httpx.post(f"{self.url}/predictions", json={"input": dict(inputs), **extra}, timeout=timeout)
 
 

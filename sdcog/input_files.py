@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import io
 import ipaddress
 import logging
 import os
@@ -86,7 +87,10 @@ def fetch_url(field: str, url: str, limit: int | None = None, allow_local: bool 
     allow_local = local_urls_allowed() if allow_local is None else allow_local
     deadline = time.monotonic() + TOTAL_TIMEOUT_S
     timeout = httpx.Timeout(READ_TIMEOUT_S, connect=CONNECT_TIMEOUT_S)
-    target = httpx.URL(url)
+    try:
+        target = httpx.URL(url)
+    except httpx.InvalidURL as error:
+        raise InputError(field, f"is not a valid URL ({error})") from error
     with httpx.Client(timeout=timeout, follow_redirects=False, trust_env=False) as client:
         for _hop in range(MAX_REDIRECTS + 1):
             _check_host(field, target, allow_local)
@@ -110,7 +114,7 @@ def fetch_url(field: str, url: str, limit: int | None = None, allow_local: bool 
                     return bytes(body)
             except httpx.TimeoutException as error:
                 raise InputError(field, f"fetching {url} timed out ({type(error).__name__})") from error
-            except httpx.HTTPError as error:
+            except (httpx.HTTPError, httpx.InvalidURL) as error:
                 raise InputError(field, f"cannot fetch {url}: {error}") from error
     raise InputError(field, f"fetching {url} was redirected more than {MAX_REDIRECTS} times")
 
@@ -152,7 +156,7 @@ def read_input_file(field: str, value: object) -> bytes:
 
 def read_reference(field: str, reference: str) -> bytes:
     """A data URI or an http(s) URL; anything else (a path on the server) is refused."""
-    scheme = urllib.parse.urlsplit(reference).scheme.lower()
+    scheme = reference.partition(":")[0].lower() if ":" in reference else ""
     if scheme == "data":
         return decode_data_uri(field, reference)
     if scheme in ("http", "https"):
@@ -162,22 +166,33 @@ def read_reference(field: str, reference: str) -> bytes:
 
 
 def guard_cog_downloads() -> bool:
-    """Make Cog hand URL and data-URI file inputs to `predict()` undownloaded; True if installed.
+    """Make Cog hand URL and data-URI file inputs to `predict()` untouched; True if installed.
 
-    Cog (0.23) wraps such inputs in `cog.types.URLPath` and calls its `convert()` before
-    `predict()`, which downloads with no size limit. The replacement returns the URLPath itself;
-    `read_input_file` then fetches `.source` under this module's limits, naming the input.
+    Cog (0.23) turns such a string into a `cog.types.URLPath` while validating inputs: it parses
+    the URL and decodes a whole data URI in memory there (an error then reaches the user without
+    the field's name), and downloads URLs before `predict()` with no size limit. The replacements
+    wrap the string as it came, and `convert()` returns it undownloaded; `read_input_file` then
+    fetches or decodes `.source` under this module's limits, naming the input.
     """
     try:
+        from cog.types import Path as CogPath
         from cog.types import URLPath
     except ImportError:
         return False
-    if not callable(getattr(URLPath, "convert", None)) or not hasattr(URLPath, "unlink"):
-        log.warning("this Cog version has no URLPath.convert: Cog downloads file inputs itself")
+    hooks = [(URLPath, "convert"), (CogPath, "validate")]
+    if not all(callable(getattr(cls, name, None)) for cls, name in hooks):
+        log.warning("this Cog version differs from 0.23: Cog reads and downloads file inputs itself")
         return False
+    validate = CogPath.validate
+
+    def wrap_reference(cls: type, value: object) -> pathlib.Path:
+        if isinstance(value, str) and value.partition(":")[0].lower() in ("data", "http", "https"):
+            return URLPath(source=value, filename="input", fileobj=io.BytesIO())
+        return validate(value)
 
     def hand_over(self: URLPath) -> URLPath:
         return self
 
+    CogPath.validate = classmethod(wrap_reference)
     URLPath.convert = hand_over
     return True

@@ -133,7 +133,7 @@ def test_cancel_stops_within_a_step_and_the_next_prediction_is_unchanged(server,
     after = server.predict(SHORT).json()
     assert after["status"] == "succeeded", after.get("error")
     assert after["output"] == before["output"]  # same pixels and metadata: nothing was left changed
-    assert server.health()["status"] == "READY"
+    assert server.settled_status() == "READY"
 
 
 class Injected(BaseException):

@@ -136,7 +136,7 @@ def assert_refused(server, bad, status, named):
         assert any(named in detail["loc"] for detail in body["detail"]), body
     else:
         assert body["status"] == "failed" and named in body["error"], body
-    assert server.health()["status"] == "READY"
+    assert server.settled_status() == "READY"
     return body
 
 

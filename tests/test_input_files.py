@@ -199,4 +199,21 @@ def test_a_server_allowed_local_urls_fetches_them_under_its_limit(tiny_sd15, fil
         body = server.predict({**INPUTS, "image": f"{files.url}/ok.png"}).json()
         assert body["status"] == "succeeded", body.get("error")
         assert failure(server, image=f"{files.url}/big.png").startswith("image: is 0.2 MB or more")
-        assert server.health()["status"] == "READY"
+        assert server.settled_status() == "READY"
+
+
+@pytest.mark.parametrize(
+    "reference",
+    [
+        "https://☃.invalid/x.png",
+        "https://[abc/x.png",
+        "data:",
+        "data:image/png;base64",
+        "data:;base64,iVBORw0KGgo",
+    ],
+)
+def test_malformed_references_are_refused_naming_the_field(default_server, reference):
+    """Cog's own parsing of these fails before predict() without naming the field; they reach
+    predict() untouched instead, and are refused there."""
+    error = failure(default_server, image=reference)
+    assert error.startswith("image: "), error
