@@ -12,6 +12,7 @@ from cog import BasePredictor, Input, Path
 
 from sdcog.cancellation import run_cancellable
 from sdcog.engine import Engine
+from sdcog.heap import HeapTrimmer
 from sdcog.images import Outpaint, open_image
 from sdcog.input_files import guard_cog_downloads, read_input_file
 from sdcog.outputs import OutputDirectory, write_outputs
@@ -27,6 +28,7 @@ class Predictor(BasePredictor):
         guard_cog_downloads()
         self.engine = Engine.load(resolve_weights_dir())
         self.outputs = OutputDirectory()
+        self.heap = HeapTrimmer()
 
     def predict(
         self,
@@ -133,30 +135,34 @@ class Predictor(BasePredictor):
             default=False,
         ),
     ) -> list[Path]:
-        request = resolve_request(
-            self.engine.limits,
-            prompt=prompt,
-            negative_prompt=negative_prompt,
-            width=width,
-            height=height,
-            num_outputs=num_outputs,
-            num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
-            scheduler=scheduler,
-            seed=seed,
-            output_format=output_format,
-            output_quality=output_quality,
-            image=None if image is None else open_image("image", read_input_file("image", image)),
-            mask=None if mask is None else open_image("mask", read_input_file("mask", mask)),
-            prompt_strength=prompt_strength,
-            outpaint=Outpaint(outpaint_left, outpaint_top, outpaint_right, outpaint_bottom),
-            disable_safety_checker=disable_safety_checker,
-        )
-        for index, image_seed in enumerate(request.seeds):
-            log.info("image %d: seed %d", index, image_seed)
-        # In a worker thread, so that a cancel stops it between two denoising steps.
-        generation = run_cancellable(lambda cancel: self.engine.generate(request, cancel))
-        paths = write_outputs(
-            generation.images, request, self.engine.weights.name, self.outputs.next(), generation.safety
-        )
-        return [Path(path) for path in paths]
+        try:
+            request = resolve_request(
+                self.engine.limits,
+                prompt=prompt,
+                negative_prompt=negative_prompt,
+                width=width,
+                height=height,
+                num_outputs=num_outputs,
+                num_inference_steps=num_inference_steps,
+                guidance_scale=guidance_scale,
+                scheduler=scheduler,
+                seed=seed,
+                output_format=output_format,
+                output_quality=output_quality,
+                image=None if image is None else open_image("image", read_input_file("image", image)),
+                mask=None if mask is None else open_image("mask", read_input_file("mask", mask)),
+                prompt_strength=prompt_strength,
+                outpaint=Outpaint(outpaint_left, outpaint_top, outpaint_right, outpaint_bottom),
+                disable_safety_checker=disable_safety_checker,
+            )
+            for index, image_seed in enumerate(request.seeds):
+                log.info("image %d: seed %d", index, image_seed)
+            # In a worker thread, so that a cancel stops it between two denoising steps.
+            generation = run_cancellable(lambda cancel: self.engine.generate(request, cancel))
+            paths = write_outputs(
+                generation.images, request, self.engine.weights.name, self.outputs.next(), generation.safety
+            )
+            return [Path(path) for path in paths]
+        finally:
+            # glibc keeps what this prediction freed; give it back once the answer is on its way.
+            self.heap.trim_in_background()
