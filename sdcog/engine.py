@@ -21,6 +21,7 @@ import transformers
 from diffusers import DiffusionPipeline
 from PIL import Image
 
+from sdcog.acceleration import apply_fast_path, pipeline_dtype
 from sdcog.cancellation import CancelFlag
 from sdcog.families import ModelFamily, detect_family
 from sdcog.images import paste_back
@@ -35,11 +36,6 @@ log = logging.getLogger(__name__)
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def default_dtype(device: torch.device) -> torch.dtype:
-    """Half precision on the GPU; float32 on the CPU, where half precision is slow or unsupported."""
-    return torch.float16 if device.type == "cuda" else torch.float32
 
 
 def seeded_generators(seeds: list[int]) -> list[torch.Generator]:
@@ -78,7 +74,7 @@ class Engine:
         weights = inspect_weights(directory)
         family = detect_family(directory)
         device = device or default_device()
-        dtype = default_dtype(device)
+        dtype = pipeline_dtype(family, device)
         files = list(Path(directory).glob("*/*.safetensors"))
         log.info(
             "setup: loading %s (%s) from %s: %d safetensors files, %.1f MB%s, onto %s as %s",
@@ -104,11 +100,12 @@ class Engine:
             raise explain_load_error(directory, error) from error
         loaded = time.perf_counter()
         pipeline.to(device)
+        fast_path = apply_fast_path(pipeline, device)
         engine = cls(pipeline=pipeline, family=family, weights=weights, device=device)
         limits = engine.limits
         log.info(
             "setup: loaded %s in %.1f s (reading %.1f s, moving to %s %.1f s); components: %s; "
-            "native size %dx%d; safety checker: %s",
+            "native size %dx%d; safety checker: %s; fast path: %s",
             weights.name,
             time.perf_counter() - started,
             loaded - started,
@@ -118,6 +115,7 @@ class Engine:
             limits.native_width,
             limits.native_height,
             "on by default" if engine.has_safety_checker else "none in this model",
+            "; ".join(fast_path) or "none (CPU: float32)",
         )
         return engine
 
@@ -161,6 +159,15 @@ class Engine:
         per_request.set_progress_bar_config(disable=True)
         return per_request
 
+    def _choose_vae_tiling(self, request: GenerationRequest) -> None:
+        """Decode (and encode) in overlapping tiles when a side is over twice the VAE's tile size.
+
+        A 2048x2048 SD 1.x decode holds a 65,536-token attention in the VAE's middle block; tiles
+        of the VAE's own size keep that bounded. Set for every request, so none inherits it.
+        """
+        vae = self.pipeline.vae
+        vae.use_tiling = max(request.width, request.height) > 2 * vae.tile_sample_min_size
+
     @property
     def has_safety_checker(self) -> bool:
         return getattr(self.pipeline, "safety_checker", None) is not None
@@ -173,6 +180,7 @@ class Engine:
         the cache and raises `OutOfMemory`, which suggests a smaller request.
         """
         pipeline = self._pipeline_for(request)
+        self._choose_vae_tiling(request)
         progress = StepProgress(total=request.num_inference_steps)
 
         def on_step_end(running, _step, _timestep, callback_kwargs):

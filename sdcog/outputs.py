@@ -4,16 +4,21 @@ Every image carries its parameters in AUTOMATIC1111's infotext format, which its
 most image tools read: a PNG `parameters` text chunk, or for JPEG and WebP the same text in the
 EXIF UserComment tag (encoded as AUTOMATIC1111 writes it: "UNICODE\\0" + UTF-16BE).
 
-Encoder settings favour speed: PNG at compress_level 1 (a default-level PNG of 1024x1024 costs
-150-330 ms on two cores, level 1 about a third of that for a ~10% larger file).
+Encoder settings favour speed, since encoding is on the path of every answer: PNG at
+compress_level 1 (a default-level PNG of 1024x1024 costs 150-330 ms on two cores, level 1 about a
+third of that for a ~10% larger file) and WebP at method 0 (measured at 1024x1024, quality 90:
+48 ms and 289 kB, against 131 ms and 287 kB at Pillow's default method 4). The images of a
+prediction are encoded in parallel threads (Pillow's encoders release the GIL).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from PIL import Image
@@ -30,7 +35,8 @@ _UNICODE_PREFIX = b"UNICODE\x00"
 
 FILE_EXTENSIONS = {"png": "png", "jpg": "jpg", "webp": "webp"}
 PNG_COMPRESS_LEVEL = 1
-WEBP_METHOD = 4
+WEBP_METHOD = 0
+ENCODER_THREADS = min(4, os.cpu_count() or 1)
 
 
 def _quote(value: object) -> str:
@@ -160,16 +166,22 @@ def write_outputs(
     """
     directory.mkdir(parents=True, exist_ok=True)
     verdicts = list(safety) if safety is not None else [None] * len(images)
-    return [
-        save_image(
-            image,
+
+    def encode(index: int) -> Path:
+        return save_image(
+            images[index],
             output_path(directory, index, request.output_format),
             request.output_format,
             request.output_quality,
-            generation_infotext(request, seed, model_name, verdict),
+            generation_infotext(request, request.seeds[index], model_name, verdicts[index]),
         )
-        for index, (image, seed, verdict) in enumerate(zip(images, request.seeds, verdicts, strict=True))
-    ]
+
+    if len(images) != len(request.seeds) or len(verdicts) != len(images):
+        raise ValueError(f"{len(images)} images for {len(request.seeds)} seeds and {len(verdicts)} verdicts")
+    if len(images) == 1:
+        return [encode(0)]
+    with ThreadPoolExecutor(min(ENCODER_THREADS, len(images)), thread_name_prefix="encode") as pool:
+        return list(pool.map(encode, range(len(images))))
 
 
 class OutputDirectory:

@@ -1,0 +1,53 @@
+"""The GPU fast path's choices, and its numerics checked on the CPU (its speed needs a GPU)."""
+
+import numpy as np
+import pytest
+import torch
+
+from sdcog import acceleration
+from sdcog.acceleration import optimize_modules, pipeline_dtype
+from sdcog.engine import Engine
+from sdcog.families import SD1, SD2, SDXL
+from sdcog.request import resolve_request
+
+CUDA = torch.device("cuda")
+
+
+def test_precision_per_family(monkeypatch):
+    assert {pipeline_dtype(family, torch.device("cpu")) for family in (SD1, SD2, SDXL)} == {torch.float32}
+    monkeypatch.setattr(acceleration, "bf16_supported", lambda device: True)
+    assert [pipeline_dtype(family, CUDA) for family in (SD1, SD2, SDXL)] == [
+        torch.float16,
+        torch.float16,
+        torch.bfloat16,  # SDXL's VAE overflows in float16; bfloat16 has float32's range
+    ]
+    monkeypatch.setattr(acceleration, "bf16_supported", lambda device: False)
+    assert pipeline_dtype(SDXL, CUDA) == torch.float16  # pre-Ampere: float16, VAE upcast by diffusers
+
+
+@pytest.mark.parametrize("pipeline_fixture", ["tiny_sd15", "tiny_sdxl"])
+def test_channels_last_and_fused_qkv_draw_the_same_images(request, pipeline_fixture):
+    engine = Engine.load(request.getfixturevalue(pipeline_fixture))
+    arguments = dict(prompt="a red circle", width=64, height=64, num_inference_steps=3, seed=4, num_outputs=2)
+    before = [
+        np.asarray(image, dtype=np.int16)
+        for image in engine.generate(resolve_request(engine.limits, **arguments)).images
+    ]
+    applied = optimize_modules(engine.pipeline)
+    assert applied == ["unet: channels_last, fused QKV", "vae: channels_last, fused QKV"]
+    after = [
+        np.asarray(image, dtype=np.int16)
+        for image in engine.generate(resolve_request(engine.limits, **arguments)).images
+    ]
+    for old, new in zip(before, after, strict=True):
+        assert np.abs(old - new).max() <= 2  # float rounding of a different summation order
+
+
+def test_very_large_sizes_decode_in_tiles_and_small_ones_do_not(tiny_sd15):
+    engine = Engine.load(tiny_sd15)
+    tile = engine.pipeline.vae.tile_sample_min_size  # 128 for the tiny VAE (512 for SD 1.5's)
+    large = resolve_request(engine.limits, prompt="a", width=2 * tile + 8, height=64, num_inference_steps=1)
+    [image] = engine.generate(large).images
+    assert engine.pipeline.vae.use_tiling and image.size == (2 * tile + 8, 64)
+    engine.generate(resolve_request(engine.limits, prompt="a", width=64, height=64, num_inference_steps=1))
+    assert not engine.pipeline.vae.use_tiling  # set per request: the next one does not inherit it
