@@ -11,6 +11,12 @@ Applied once at load, never per request:
 - fused QKV projections (one matmul instead of three in every self-attention);
 - TF32 matmuls and convolutions for whatever still runs in float32;
 - VAE slicing: a batch decodes one image at a time (the engine also tiles very large sizes).
+Optionally (`SDCOG_COMPILE=1`) the UNet is compiled with torch.compile (max-autotune, without
+CUDA graphs, since each request builds its own pipeline around the same modules) and warmed up
+in `setup()` at the model's native size; torch's portable compile cache is loaded from and saved
+to `SDCOG_COMPILE_CACHE` (default: `torch-compile-cache.bin` in the weights directory), so a cache
+built once on a GPU box (`SDCOG_COMPILE=1 script/predict ...`) ships in the image with the weights
+and later cold boots skip the minutes of autotuning.
 On the CPU the model runs in float32 with none of this (`fast_path_settings` is empty), so the
 project works anywhere. The numerics of the layout and fusion changes are checked on the CPU
 (tests/test_acceleration.py); their speed only shows on a GPU (`script/bench --device cuda`).
@@ -18,10 +24,50 @@ project works anywhere. The numerics of the layout and fusion changes are checke
 
 from __future__ import annotations
 
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
 import torch
 from diffusers import DiffusionPipeline
 
 from sdcog.families import SDXL, ModelFamily
+
+log = logging.getLogger(__name__)
+
+COMPILE_ENV = "SDCOG_COMPILE"
+COMPILE_CACHE_ENV = "SDCOG_COMPILE_CACHE"
+COMPILE_CACHE_FILE = "torch-compile-cache.bin"
+
+
+def compile_requested(environ: Mapping[str, str] = os.environ) -> bool:
+    return environ.get(COMPILE_ENV, "").strip().lower() in {"1", "true", "yes"}
+
+
+def compile_cache_path(weights_dir: Path, environ: Mapping[str, str] = os.environ) -> Path:
+    return Path(environ.get(COMPILE_CACHE_ENV) or Path(weights_dir) / COMPILE_CACHE_FILE)
+
+
+def compile_unet(pipeline: DiffusionPipeline, cache: Path) -> bool:
+    """Compile the UNet in place, with torch's compile cache from `cache` if it exists (returned)."""
+    loaded = cache.is_file()
+    if loaded:
+        torch.compiler.load_cache_artifacts(cache.read_bytes())
+    pipeline.unet.compile(mode="max-autotune-no-cudagraphs")
+    return loaded
+
+
+def save_compile_cache(cache: Path) -> None:
+    """Write what the warm-up compiled, for the next cold boot (a read-only place only warns)."""
+    artifacts = torch.compiler.save_cache_artifacts()
+    if not artifacts:
+        return
+    try:
+        cache.write_bytes(artifacts[0])
+        log.info("setup: wrote the compile cache %s (%.1f MB)", cache, len(artifacts[0]) / 1e6)
+    except OSError as error:
+        log.warning("setup: could not write the compile cache %s: %s", cache, error)
 
 
 def bf16_supported(device: torch.device) -> bool:

@@ -21,12 +21,26 @@ import transformers
 from diffusers import DiffusionPipeline
 from PIL import Image
 
-from sdcog.acceleration import apply_fast_path, pipeline_dtype
+from sdcog.acceleration import (
+    apply_fast_path,
+    compile_cache_path,
+    compile_requested,
+    compile_unet,
+    pipeline_dtype,
+    save_compile_cache,
+)
 from sdcog.cancellation import CancelFlag
 from sdcog.families import ModelFamily, detect_family
 from sdcog.images import paste_back
 from sdcog.progress import StepProgress
-from sdcog.request import IMAGE_TO_IMAGE, INPAINT, TEXT_TO_IMAGE, GenerationRequest, ModelLimits
+from sdcog.request import (
+    IMAGE_TO_IMAGE,
+    INPAINT,
+    TEXT_TO_IMAGE,
+    GenerationRequest,
+    ModelLimits,
+    resolve_request,
+)
 from sdcog.schedulers import build_scheduler
 from sdcog.weights import WeightsInfo
 from sdcog.weights_check import explain_load_error, inspect_weights
@@ -117,7 +131,33 @@ class Engine:
             "on by default" if engine.has_safety_checker else "none in this model",
             "; ".join(fast_path) or "none (CPU: float32)",
         )
+        if compile_requested():
+            engine._compile_and_warm_up(compile_cache_path(directory))
         return engine
+
+    def _compile_and_warm_up(self, cache: Path) -> None:
+        """torch.compile the UNet and run it once at the native size, so requests do not compile."""
+        started = time.perf_counter()
+        cached = compile_unet(self.pipeline, cache)
+        limits = self.limits
+        warm_up = resolve_request(
+            limits,
+            prompt="warm-up",
+            width=limits.native_width,
+            height=limits.native_height,
+            num_inference_steps=2,
+            seed=0,
+        )
+        self.generate(warm_up)
+        if not cached:
+            save_compile_cache(cache)
+        log.info(
+            "setup: compiled the UNet and warmed it up at %dx%d in %.1f s (compile cache %s)",
+            limits.native_width,
+            limits.native_height,
+            time.perf_counter() - started,
+            f"loaded from {cache}" if cached else "built",
+        )
 
     @property
     def limits(self) -> ModelLimits:
