@@ -39,9 +39,6 @@ class CancelFlag:
     def set(self) -> None:
         self._event.set()
 
-    def is_set(self) -> bool:
-        return self._event.is_set()
-
     def check(self, where: str) -> None:
         """Raise `Cancelled` if a cancel was requested."""
         if self._event.is_set():
