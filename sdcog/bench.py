@@ -40,6 +40,8 @@ import psutil
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from sdcog.acceleration import COMPILE_ENV, COMPILE_MODES, compile_mode
+from sdcog.cancellation import on_generation_thread
 from sdcog.cog_schema import write_schema
 from sdcog.cog_server import running_server
 from sdcog.engine import Engine
@@ -77,7 +79,7 @@ imported = time.perf_counter()
 if device == "cuda":
     torch.zeros(1, device=device); torch.cuda.synchronize()
 ready = time.perf_counter()
-load()
+pipeline = load()
 torch.cuda.synchronize() if device == "cuda" else None
 loaded = time.perf_counter()
 print(json.dumps({"import_s": imported - started, "load_s": loaded - ready,
@@ -144,14 +146,48 @@ def prepare_weights(preset: str | None, weights: Path | None) -> tuple[str, Path
 
 
 class StepClock:
-    """Step-end timestamps of the run in progress: plain's callback, the engine's StepProgress.step."""
+    """Step-end times of the run in progress: plain's callback, the engine's StepProgress.step.
 
-    def __init__(self, sync: Callable[[], None]):
-        self.sync, self.stamps = sync, []
+    On a GPU each mark records a CUDA event instead of waiting for the GPU, so timing does not
+    add a host-device sync per step (which would hide how well launches overlap the GPU's work);
+    the events are read once the run has finished."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.stamps: list[float] = []
+        self.events: list[Any] = []
+        self.origin: Any = None
+        self.began = 0.0
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def start(self) -> float:
+        """Wait for the GPU, then start a run's clock; returns the host time it started."""
+        self.sync()
+        self.stamps, self.events = [], []
+        if self.cuda:
+            self.origin = torch.cuda.Event(enable_timing=True)
+            self.origin.record()
+        self.began = time.perf_counter()
+        return self.began
 
     def mark(self) -> None:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.events.append(event)
+        else:
+            self.stamps.append(time.perf_counter())
+
+    def finish(self) -> tuple[float, list[float]]:
+        """Wait for the GPU; returns the host time the run ended and its step-end times."""
         self.sync()
-        self.stamps.append(time.perf_counter())
+        ended = time.perf_counter()
+        if self.cuda:
+            self.stamps = [self.began + self.origin.elapsed_time(event) / 1000 for event in self.events]
+        return ended, self.stamps
 
     def callback(self, _pipeline, _step, _timestep, callback_kwargs):
         self.mark()
@@ -314,14 +350,11 @@ def time_paths(
         for path in list(paths) if rep % 2 else list(paths)[::-1]:
             settle(server)
             gc.collect()
-            clock.stamps = []
-            clock.sync()
-            begin = time.perf_counter()
+            begin = clock.start()
             paths[path]()
-            clock.sync()
-            end = time.perf_counter()
+            end, stamps = clock.finish()
             if rep >= 0:
-                runs[path].append(phases(begin, end, clock.stamps if path != HTTP else []))
+                runs[path].append(phases(begin, end, stamps if path != HTTP else []))
     return runs
 
 
@@ -383,7 +416,8 @@ def project_path(engine: Engine, inputs: dict[str, Any], directory: Path) -> Cal
 
     def run() -> None:
         request = resolve_request(engine.limits, **inputs)
-        generation = engine.generate(request)
+        # On the thread where predict() generates (CUDA graphs of a compiled UNet belong to it).
+        generation = on_generation_thread(lambda: engine.generate(request))
         write_outputs(generation.images, request, engine.weights.name, directory, generation.safety)
 
     return run
@@ -399,28 +433,31 @@ def run_bench(
     reps: int = 15,
     http: bool = True,
     setup_reps: int = 2,
+    predict: bool = True,
 ) -> dict[str, Any]:
-    """Every figure of the benchmark, as a JSON-ready record (setup_reps=0: setup timed in-process)."""
+    """Every figure of the benchmark, as a JSON-ready record (setup_reps=0: setup timed in-process;
+    predict=False: neither the in-process predict() nor HTTP, which would load another model)."""
     started, load_start = time.perf_counter(), os.getloadavg()
     workdir = Path(tempfile.mkdtemp(prefix="sdcog-bench-"))
     with logging_to(workdir / "bench.log"):
-        clock = StepClock(torch.cuda.synchronize if device.type == "cuda" else lambda: None)
+        clock = StepClock(device)
         plain, engine, loads = load_both(directory, device, clock.sync)
         inputs = dict(prompt=PROMPT, width=width, height=height, num_outputs=num_outputs, seed=1)
         inputs.update(num_inference_steps=steps, scheduler=common_scheduler(plain), output_format="webp")
         request = resolve_request(engine.limits, **inputs, output_quality=90)
         inputs.update(width=request.width, height=request.height, guidance_scale=request.guidance_scale)
         inputs["output_quality"] = request.output_quality
-        predictor = load_predictor(directory, device)
         paths = {
             PLAIN: plain_path(plain, inputs, device, clock),
             PROJECT: project_path(engine, inputs, workdir / "project"),
-            PREDICT: functools.partial(predictor.predict, **{**default_inputs(predictor), **inputs}),
         }
+        if predict:
+            predictor = load_predictor(directory, device)
+            paths[PREDICT] = functools.partial(predictor.predict, **{**default_inputs(predictor), **inputs})
         with contextlib.ExitStack() as stack:
             stack.enter_context(clock.patch_engine())
             server = http_ready_s = None
-            if http:
+            if http and predict:
                 server, http_ready_s = start_server(stack, directory, device)
                 client = stack.enter_context(httpx.Client(base_url=server.url, timeout=600))
                 paths[HTTP] = functools.partial(post_prediction, client, inputs)
@@ -449,6 +486,7 @@ def run_bench(
             "device": str(device),
             "weights": str(directory),
             "dtype": dtypes,
+            "compile": compile_mode(),
         },
         "setup": setup,
         "http_ready_s": http_ready_s,
@@ -528,7 +566,8 @@ def format_report(record: dict[str, Any]) -> str:
         f"diffusers {machine['diffusers']}, Python {machine['python']}",
         f"{settings['width']}x{settings['height']}, {settings['num_inference_steps']} steps "
         f"{settings['scheduler']} ({cell(latency[PLAIN]['steps'], digits=0)} step callbacks), "
-        f"{settings['num_outputs']} image(s), guidance {settings['guidance_scale']:g}, dtype {dtypes}; "
+        f"{settings['num_outputs']} image(s), guidance {settings['guidance_scale']:g}, dtype {dtypes}"
+        f"{', project UNet compiled: ' + settings['compile'] if settings.get('compile') else ''}; "
         f"medians of {settings['reps']} reps; load average {load['start'][0]:.2f} -> {load['end'][0]:.2f}",
         f"{'':28}{'plain':>9}{'project':>9}{'ratio':>9}{'predict':>9}{'http':>9}",
     ]
@@ -631,9 +670,17 @@ def main(argv: list[str] | None = None) -> int:
         help="timed runs per path (default 15; real-arch presets: 10 on a GPU, 2 on the CPU)",
     )
     parser.add_argument(
-        "--setup-reps", type=int, default=2, help="fresh interpreters per path (0: in-process)"
+        "--setup-reps",
+        type=int,
+        help="fresh interpreters per path (0: in-process; default 2, with --compile 0)",
     )
     parser.add_argument("--no-http", action="store_true", help="skip the HTTP server")
+    parser.add_argument(
+        "--compile",
+        choices=COMPILE_MODES,
+        help="the project's UNet compiled in this torch.compile mode (SDCOG_COMPILE) and warmed "
+        "up at load; setup is then timed in-process, and predict() and HTTP are skipped",
+    )
     parser.add_argument("--json", type=Path, help="default: bench/bench-<name>-<device>.json")
     parser.add_argument("--plot", type=Path, help="default: the --json path with .png")
     parser.add_argument("--strict", action="store_true", help="exit 1 when a target fails")
@@ -646,6 +693,8 @@ def main(argv: list[str] | None = None) -> int:
     width, height, steps = REAL_SIZE.get(preset, (None, None, 30 if device.type == "cuda" else 10))
     real_size = preset in REAL_SIZE
     reps = args.reps or (15 if not real_size else 10 if device.type == "cuda" else 2)
+    if args.compile:
+        os.environ[COMPILE_ENV] = args.compile
     print(f"bench: {name} ({directory}) on {device}; load average {os.getloadavg()[0]:.2f}", flush=True)
     record = run_bench(
         directory,
@@ -656,7 +705,8 @@ def main(argv: list[str] | None = None) -> int:
         num_outputs=args.num_outputs,
         reps=reps,
         http=not args.no_http,
-        setup_reps=args.setup_reps,
+        setup_reps=args.setup_reps if args.setup_reps is not None else 0 if args.compile else 2,
+        predict=not args.compile,
     )
     record["name"], record["targets"] = name, targets(record)
     print(format_report(record))

@@ -58,6 +58,12 @@ def _generation_thread() -> ThreadPoolExecutor:
     return _worker
 
 
+def on_generation_thread(work: Callable[[], T]) -> T:
+    """Run `work()` on the generation thread and return its result (setup's warm-up: what it
+    builds per thread, such as CUDA graphs and OpenMP's thread team, is then ready for requests)."""
+    return _generation_thread().submit(contextvars.copy_context().run, work).result()
+
+
 def run_cancellable(work: Callable[[CancelFlag], T]) -> T:
     """Run `work(flag)` on the generation thread; an exception injected into this thread cancels it.
 

@@ -24,12 +24,12 @@ from PIL import Image
 from sdcog.acceleration import (
     apply_fast_path,
     compile_cache_path,
-    compile_requested,
+    compile_mode,
     compile_unet,
     pipeline_dtype,
     save_compile_cache,
 )
-from sdcog.cancellation import CancelFlag
+from sdcog.cancellation import CancelFlag, on_generation_thread
 from sdcog.families import ModelFamily, detect_family
 from sdcog.images import paste_back
 from sdcog.progress import StepProgress
@@ -109,7 +109,10 @@ class Engine:
                 use_safetensors=True,
                 dtype=dtype,
                 variant=weights.variant,
+                # Straight from the files onto the GPU, not through a CPU copy of every weight.
+                device_map=device.type if device.type == "cuda" else None,
             )
+            pipeline.hf_device_map = None  # one device: nothing to dispatch, so .to() stays allowed
         except Exception as error:  # a damage the checks cannot see: name the file and the fix
             raise explain_load_error(directory, error) from error
         loaded = time.perf_counter()
@@ -131,28 +134,31 @@ class Engine:
             "on by default" if engine.has_safety_checker else "none in this model",
             "; ".join(fast_path) or "none (CPU: float32)",
         )
-        if compile_requested():
-            engine._compile_and_warm_up(compile_cache_path(directory))
+        mode = compile_mode()
+        if mode is not None:
+            engine._compile_and_warm_up(compile_cache_path(directory), mode)
         return engine
 
-    def _compile_and_warm_up(self, cache: Path) -> None:
-        """torch.compile the UNet and run it once at the native size, so requests do not compile."""
+    def _compile_and_warm_up(self, cache: Path, mode: str) -> None:
+        """torch.compile the UNet and run it at the native size, so requests do not compile; on the
+        generation thread, where requests run (CUDA graphs belong to the thread that records them)."""
         started = time.perf_counter()
-        cached = compile_unet(self.pipeline, cache)
+        cached = compile_unet(self.pipeline, cache, mode)
         limits = self.limits
         warm_up = resolve_request(
             limits,
             prompt="warm-up",
             width=limits.native_width,
             height=limits.native_height,
-            num_inference_steps=2,
+            num_inference_steps=3,  # CUDA graphs: a warm-up call, a recording, a replay
             seed=0,
         )
-        self.generate(warm_up)
+        on_generation_thread(lambda: self.generate(warm_up))
         if not cached:
             save_compile_cache(cache)
         log.info(
-            "setup: compiled the UNet and warmed it up at %dx%d in %.1f s (compile cache %s)",
+            "setup: compiled the UNet (%s) and warmed it up at %dx%d in %.1f s (compile cache %s)",
+            mode,
             limits.native_width,
             limits.native_height,
             time.perf_counter() - started,

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from sdcog import acceleration
-from sdcog.acceleration import optimize_modules, pipeline_dtype
+from sdcog.acceleration import COMPILE_ENV, compile_mode, optimize_modules, pipeline_dtype
 from sdcog.engine import Engine
 from sdcog.families import SD1, SD2, SDXL
 from sdcog.request import resolve_request
@@ -26,7 +26,7 @@ def test_precision_per_family(monkeypatch):
 
 
 @pytest.mark.parametrize("pipeline_fixture", ["tiny_sd15", "tiny_sdxl"])
-def test_channels_last_and_fused_qkv_draw_the_same_images(request, pipeline_fixture):
+def test_fused_qkv_draws_the_same_images(request, pipeline_fixture):
     engine = Engine.load(request.getfixturevalue(pipeline_fixture))
     arguments = dict(prompt="a red circle", width=64, height=64, num_inference_steps=3, seed=4, num_outputs=2)
     before = [
@@ -34,7 +34,7 @@ def test_channels_last_and_fused_qkv_draw_the_same_images(request, pipeline_fixt
         for image in engine.generate(resolve_request(engine.limits, **arguments)).images
     ]
     applied = optimize_modules(engine.pipeline)
-    assert applied == ["unet: channels_last, fused QKV", "vae: channels_last, fused QKV"]
+    assert applied == ["unet: fused QKV", "vae: fused QKV"]
     after = [
         np.asarray(image, dtype=np.int16)
         for image in engine.generate(resolve_request(engine.limits, **arguments)).images
@@ -51,3 +51,35 @@ def test_very_large_sizes_decode_in_tiles_and_small_ones_do_not(tiny_sd15):
     assert engine.pipeline.vae.use_tiling and image.size == (2 * tile + 8, 64)
     engine.generate(resolve_request(engine.limits, prompt="a", width=64, height=64, num_inference_steps=1))
     assert not engine.pipeline.vae.use_tiling  # set per request: the next one does not inherit it
+
+
+def test_compile_mode_from_the_environment():
+    assert [compile_mode({COMPILE_ENV: value}) for value in ("", "0", "false", "no")] == [None] * 4
+    assert compile_mode({}) is None
+    assert compile_mode({COMPILE_ENV: "1"}) == compile_mode({COMPILE_ENV: "yes"}) == "reduce-overhead"
+    assert compile_mode({COMPILE_ENV: " Max-Autotune "}) == "max-autotune"
+    with pytest.raises(ValueError, match=f"{COMPILE_ENV}='fast': use 1 or one of reduce-overhead, "):
+        compile_mode({COMPILE_ENV: "fast"})
+
+
+def test_the_compiled_warm_up_runs_on_the_thread_that_runs_predictions(tiny_sd15, monkeypatch, tmp_path):
+    """CUDA graphs recorded by a compiled UNet belong to the thread that recorded them."""
+    import threading
+
+    import sdcog.engine
+    from sdcog.cancellation import run_cancellable
+
+    compiled, threads = [], []
+    monkeypatch.setenv(COMPILE_ENV, "reduce-overhead")
+    monkeypatch.setenv("SDCOG_COMPILE_CACHE", str(tmp_path / "cache.bin"))
+    monkeypatch.setattr(sdcog.engine, "compile_unet", lambda pipeline, cache, mode: compiled.append(mode))
+    monkeypatch.setattr(sdcog.engine, "save_compile_cache", lambda cache: None)
+    generate = Engine.generate
+    monkeypatch.setattr(
+        Engine, "generate", lambda *args: (threads.append(threading.get_ident()), generate(*args))[1]
+    )
+    engine = Engine.load(tiny_sd15)
+    assert compiled == ["reduce-overhead"] and len(threads) == 1
+    request = resolve_request(engine.limits, prompt="a", width=64, height=64, num_inference_steps=1)
+    run_cancellable(lambda cancel: engine.generate(request, cancel))
+    assert threads[1] == threads[0] != threading.get_ident()
