@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from sdcog import bench
+from sdcog import bench, bench_report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -41,15 +41,36 @@ def test_summarize_takes_medians_and_the_fastest_run():
 
 def test_targets_pass_fail_and_skip():
     ratios = {"latency": 1.05, "http_minus_predict_ms": 150.0, "http_minus_plain_ms": None, "setup": 1.2}
-    verdicts = [target["ok"] for target in bench.targets({"ratios": ratios, "encoding": {"ms": 29.0}})]
+    verdicts = [target["ok"] for target in bench_report.targets({"ratios": ratios, "encoding": {"ms": 29.0}})]
     assert verdicts == [True, False, None, True, True]
+
+
+def test_the_gpu_targets_apply_to_the_real_size_presets_on_a_gpu():
+    record = {
+        "ratios": {"latency": 0.41, "http_minus_predict_ms": None, "http_minus_plain_ms": None, "setup": 1.1},
+        "encoding": {"ms": 77.0},
+        "settings": {"device": "cuda"},
+        "latency": {"project": {"total_s": 1.25}},
+    }
+    sd15 = bench_report.targets({**record, "name": "sd15-real-arch"})
+    assert [(target["target"], target["ok"]) for target in sd15[:1]] == [
+        ("GPU: project at least 1.8x faster than plain end to end", True)
+    ]
+    sdxl = bench_report.targets({**record, "name": "sdxl-real-arch"})
+    assert [(target["target"], target["ok"]) for target in sdxl[:1]] == [
+        ("GPU: project under 1.5 s end to end", True)
+    ]
+    slow = {**record, "name": "sd15-real-arch", "ratios": {**record["ratios"], "latency": 0.6}}
+    assert bench_report.targets(slow)[0]["ok"] is False
+    on_cpu = {**record, "name": "sd15-real-arch", "settings": {"device": "cpu"}}
+    assert len(bench_report.targets(on_cpu)) == 5
 
 
 def test_a_cheap_run_has_every_figure_and_a_png_plot(tiny_sd15, tmp_path):
     record = bench.run_bench(
         tiny_sd15, torch.device("cpu"), width=64, height=64, steps=2, reps=1, http=False, setup_reps=0
     )
-    record["name"], record["targets"] = "tiny-sd15", bench.targets(record)
+    record["name"], record["targets"] = "tiny-sd15", bench_report.targets(record)
 
     for path in (bench.PLAIN, bench.PROJECT, bench.PREDICT):
         figures = record["latency"][path]
@@ -71,8 +92,8 @@ def test_a_cheap_run_has_every_figure_and_a_png_plot(tiny_sd15, tmp_path):
     assert len(record["load_average"]["start"]) == 3
     json.loads(json.dumps(record))  # JSON-ready as it is
 
-    report = bench.format_report(record)
+    report = bench_report.format_report(record)
     assert "latency ms" in report and "per denoising step ms" in report
     assert "SKIP: HTTP within +100 ms of plain: not measured" in report
-    bench.plot(record, tmp_path / "bench.png")
+    bench_report.plot(record, tmp_path / "bench.png")
     assert (tmp_path / "bench.png").read_bytes().startswith(PNG_SIGNATURE)
