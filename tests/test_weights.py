@@ -4,20 +4,11 @@ download fetches. The checks of a directory's contents are in tests/test_weights
 import json
 
 import pytest
+from pipeline_dirs import MODEL_INDEX
 
 from sdcog import weights
 from sdcog.weights import SOURCE_FILE, WeightsError, resolve_weights_dir
 from sdcog.weights_check import inspect_weights
-
-MODEL_INDEX = {
-    "_class_name": "StableDiffusionPipeline",
-    "unet": ["diffusers", "UNet2DConditionModel"],
-    "vae": ["diffusers", "AutoencoderKL"],
-    "text_encoder": ["transformers", "CLIPTextModel"],
-    "tokenizer": ["transformers", "CLIPTokenizer"],
-    "scheduler": ["diffusers", "PNDMScheduler"],
-    "safety_checker": [None, None],
-}
 
 
 def pipeline_dir(root):

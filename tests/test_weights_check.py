@@ -5,41 +5,15 @@ import json
 import shutil
 import time
 
-import numpy as np
 import pytest
+from pipeline_dirs import WEIGHT_STEMS, make_pipeline_dir
 from safetensors.numpy import save_file
 
 from sdcog import weights
 from sdcog.weights import DEFAULT_MODEL_ID, SOURCE_FILE, WeightsError
 from sdcog.weights_check import explain_load_error, inspect_weights
 
-MODEL_INDEX = {
-    "_class_name": "StableDiffusionPipeline",
-    "unet": ["diffusers", "UNet2DConditionModel"],
-    "vae": ["diffusers", "AutoencoderKL"],
-    "text_encoder": ["transformers", "CLIPTextModel"],
-    "tokenizer": ["transformers", "CLIPTokenizer"],
-    "scheduler": ["diffusers", "PNDMScheduler"],
-    "safety_checker": [None, None],
-}
-WEIGHT_STEMS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
 DEFAULT_COMMAND = f"script/download-weights {DEFAULT_MODEL_ID}"
-
-
-def make_pipeline_dir(root, variant=None):
-    """A small but well-formed pipeline directory (tiny tensors, not a loadable model)."""
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "model_index.json").write_text(json.dumps(MODEL_INDEX))
-    for component in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
-        (root / component).mkdir()
-    for component, stem in WEIGHT_STEMS.items():
-        (root / component / "config.json").write_text("{}")
-        infix = f".{variant}" if variant else ""
-        save_file({"weight": np.zeros(4, np.float32)}, str(root / component / f"{stem}{infix}.safetensors"))
-    (root / "tokenizer" / "vocab.json").write_text("{}")
-    (root / "tokenizer" / "merges.txt").write_text("#version: 0.2\n")
-    (root / "scheduler" / "scheduler_config.json").write_text("{}")
-    return root
 
 
 @pytest.fixture
