@@ -10,6 +10,7 @@ import sys
 
 from cog import BasePredictor, Input, Path
 
+from sdcog.adapter_cache import AdapterCache
 from sdcog.cancellation import run_cancellable
 from sdcog.engine import Engine
 from sdcog.heap import HeapTrimmer
@@ -29,6 +30,7 @@ class Predictor(BasePredictor):
         self.engine = Engine.load(resolve_weights_dir())
         self.outputs = OutputDirectory()
         self.heap = HeapTrimmer()
+        self.adapters = AdapterCache.from_environment()
 
     def predict(
         self,
@@ -134,6 +136,14 @@ class Predictor(BasePredictor):
             description="Skip the model's safety checker (for models that ship one, such as SD 1.5). When it runs, a flagged image is replaced by a black image, and the logs and the image's metadata say so.",  # noqa: E501
             default=False,
         ),
+        lora_weights: str | None = Input(
+            description="LoRAs to apply (up to 4), separated by commas or spaces: https URLs of .safetensors files, huggingface.co/<owner>/<repo>[/<file>.safetensors], or Replicate models <owner>/<model>[/<version>]. kohya and diffusers formats for this model's family. Fetched once, then cached.",  # noqa: E501
+            default=None,
+        ),
+        lora_scales: str | None = Input(
+            description="Strength of each LoRA in lora_weights, in the same order, separated by commas: one value for all, or one each (-4 to 4; default 1; 0 turns a LoRA off).",  # noqa: E501
+            default=None,
+        ),
     ) -> list[Path]:
         try:
             request = resolve_request(
@@ -154,13 +164,21 @@ class Predictor(BasePredictor):
                 prompt_strength=prompt_strength,
                 outpaint=Outpaint(outpaint_left, outpaint_top, outpaint_right, outpaint_bottom),
                 disable_safety_checker=disable_safety_checker,
+                lora_weights=lora_weights,
+                lora_scales=lora_scales,
             )
             for index, image_seed in enumerate(request.seeds):
                 log.info("image %d: seed %d", index, image_seed)
+            loras = self.adapters.fetch_loras(request.loras)
             # In a worker thread, so that a cancel stops it between two denoising steps.
-            generation = run_cancellable(lambda cancel: self.engine.generate(request, cancel))
+            generation = run_cancellable(lambda cancel: self.engine.generate(request, cancel, loras))
             paths = write_outputs(
-                generation.images, request, self.engine.weights.name, self.outputs.next(), generation.safety
+                generation.images,
+                request,
+                self.engine.weights.name,
+                self.outputs.next(),
+                generation.safety,
+                generation.loras,
             )
             return [Path(path) for path in paths]
         finally:

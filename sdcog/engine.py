@@ -12,7 +12,8 @@ import gc
 import inspect
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import diffusers
@@ -29,10 +30,13 @@ from sdcog.acceleration import (
     pipeline_dtype,
     save_compile_cache,
 )
+from sdcog.adapter_cache import AdapterFile
 from sdcog.cancellation import CancelFlag, on_generation_thread
 from sdcog.families import ModelFamily, detect_family
 from sdcog.images import paste_back
+from sdcog.loras import AppliedLora, LoraAdapters
 from sdcog.progress import StepProgress
+from sdcog.prompt_encoding import PromptEncoder
 from sdcog.request import (
     IMAGE_TO_IMAGE,
     INPAINT,
@@ -65,6 +69,7 @@ class Generation:
     images: list[Image.Image]
     safety: list[str] | None = None
     """Per image, the safety checker's verdict (SAFETY_*), for the metadata; None: the model has none."""
+    loras: list[AppliedLora] = field(default_factory=list)
 
     @property
     def flagged(self) -> list[bool]:
@@ -77,6 +82,14 @@ class Engine:
     family: ModelFamily
     weights: WeightsInfo
     device: torch.device
+
+    @cached_property
+    def prompts(self) -> PromptEncoder:
+        return PromptEncoder(self.pipeline)
+
+    @cached_property
+    def loras(self) -> LoraAdapters:
+        return LoraAdapters(self.pipeline)
 
     @classmethod
     def load(cls, directory: Path, device: torch.device | None = None) -> Engine:
@@ -218,13 +231,20 @@ class Engine:
     def has_safety_checker(self) -> bool:
         return getattr(self.pipeline, "safety_checker", None) is not None
 
-    def generate(self, request: GenerationRequest, cancel: CancelFlag | None = None) -> Generation:
-        """Run one request: text-to-image, image-to-image or inpainting, by `request.mode`.
+    def generate(
+        self,
+        request: GenerationRequest,
+        cancel: CancelFlag | None = None,
+        loras: list[tuple[AdapterFile, float]] | None = None,
+    ) -> Generation:
+        """Run one request: text-to-image, image-to-image or inpainting, by `request.mode`, with
+        exactly `loras` (fetched files and their scales) applied: none means the base model.
 
         Progress is logged per step (throttled); `cancel`, when set, stops the run after the
         current step with `Cancelled` (the VAE decode is skipped). Running out of GPU memory frees
         the cache and raises `OutOfMemory`, which suggests a smaller request.
         """
+        applied = self.loras.activate(loras or [])
         pipeline = self._pipeline_for(request)
         self._choose_vae_tiling(request)
         progress = StepProgress(total=request.num_inference_steps)
@@ -238,8 +258,7 @@ class Engine:
             return callback_kwargs
 
         arguments = dict(
-            prompt=request.prompt,
-            negative_prompt=request.negative_prompt or None,
+            **self.prompts.arguments(request.prompt, request.negative_prompt),
             num_inference_steps=request.num_inference_steps,
             guidance_scale=request.guidance_scale,
             num_images_per_prompt=request.num_outputs,
@@ -262,7 +281,9 @@ class Engine:
             del pipeline
             free_accelerator_memory()
             raise OutOfMemory(request, self.device)
-        generation = Generation(images=list(output.images), safety=self._safety_verdicts(output, request))
+        generation = Generation(
+            images=list(output.images), safety=self._safety_verdicts(output, request), loras=applied
+        )
         if request.mode == INPAINT:
             generation.images = [
                 image if is_flagged else paste_back(image, request.init_image, request.mask_image)

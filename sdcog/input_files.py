@@ -30,6 +30,7 @@ import socket
 import time
 import urllib.parse
 from collections.abc import Mapping
+from typing import BinaryIO
 
 import httpx
 
@@ -83,6 +84,23 @@ def _check_host(field: str, url: httpx.URL, allow_local: bool) -> None:
 
 def fetch_url(field: str, url: str, limit: int | None = None, allow_local: bool | None = None) -> bytes:
     """The body of an https URL, under the size limit and timeouts; InputError naming `field` if not."""
+    body = io.BytesIO()
+    fetch_url_to(body, field, url, limit, allow_local)
+    return body.getvalue()
+
+
+def fetch_url_to(
+    sink: BinaryIO,
+    field: str,
+    url: str,
+    limit: int | None = None,
+    allow_local: bool | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> int:
+    """Stream an https URL's body into `sink` under the size limit and timeouts; the size written.
+
+    `headers` (a token) are sent to the URL's own host only, never to a host it redirects to.
+    """
     limit = max_input_bytes() if limit is None else limit
     allow_local = local_urls_allowed() if allow_local is None else allow_local
     deadline = time.monotonic() + TOTAL_TIMEOUT_S
@@ -91,32 +109,41 @@ def fetch_url(field: str, url: str, limit: int | None = None, allow_local: bool 
         target = httpx.URL(url)
     except httpx.InvalidURL as error:
         raise InputError(field, f"is not a valid URL ({error})") from error
+    shown = _without_query(target)
+    origin = target.host
     with httpx.Client(timeout=timeout, follow_redirects=False, trust_env=False) as client:
         for _hop in range(MAX_REDIRECTS + 1):
             _check_host(field, target, allow_local)
             try:
-                with client.stream("GET", target) as response:
+                sent = dict(headers or {}) if target.host == origin else {}
+                with client.stream("GET", target, headers=sent) as response:
                     if response.is_redirect:
                         target = target.join(response.headers.get("location", ""))
                         continue
                     if response.status_code != 200:
-                        raise InputError(field, f"fetching {url} answered HTTP {response.status_code}")
+                        raise InputError(field, f"fetching {shown} answered HTTP {response.status_code}")
                     declared = int(response.headers.get("content-length") or 0)
                     if declared > limit:
                         raise _too_large(field, declared, limit)
-                    body = bytearray()
+                    size = 0
                     for chunk in response.iter_bytes(_CHUNK):
-                        body += chunk
-                        if len(body) > limit:
-                            raise _too_large(field, len(body), limit)
+                        size += len(chunk)
+                        if size > limit:
+                            raise _too_large(field, size, limit)
                         if time.monotonic() > deadline:
-                            raise InputError(field, f"fetching {url} took over {TOTAL_TIMEOUT_S:g} s")
-                    return bytes(body)
+                            raise InputError(field, f"fetching {shown} took over {TOTAL_TIMEOUT_S:g} s")
+                        sink.write(chunk)
+                    return size
             except httpx.TimeoutException as error:
-                raise InputError(field, f"fetching {url} timed out ({type(error).__name__})") from error
+                raise InputError(field, f"fetching {shown} timed out ({type(error).__name__})") from error
             except (httpx.HTTPError, httpx.InvalidURL) as error:
-                raise InputError(field, f"cannot fetch {url}: {error}") from error
-    raise InputError(field, f"fetching {url} was redirected more than {MAX_REDIRECTS} times")
+                raise InputError(field, f"cannot fetch {shown}: {error}") from error
+    raise InputError(field, f"fetching {shown} was redirected more than {MAX_REDIRECTS} times")
+
+
+def _without_query(url: httpx.URL) -> str:
+    """The URL for messages and logs: its query (which may hold a signature or a token) left out."""
+    return str(url.copy_with(query=None, fragment=None))
 
 
 def decode_data_uri(field: str, uri: str, limit: int | None = None) -> bytes:

@@ -26,6 +26,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from sdcog import __version__
 from sdcog.images import MASK_BLUR_PX
+from sdcog.loras import AppliedLora
 from sdcog.request import INPAINT, TEXT_TO_IMAGE, GenerationRequest
 from sdcog.schedulers import SCHEDULERS
 
@@ -130,9 +131,14 @@ def output_path(directory: Path, index: int, output_format: str) -> Path:
 
 
 def generation_infotext(
-    request: GenerationRequest, seed: int, model_name: str, safety: str | None = None
+    request: GenerationRequest,
+    seed: int,
+    model_name: str,
+    safety: str | None = None,
+    loras: Sequence[AppliedLora] = (),
 ) -> str:
-    """The infotext of one image of `request`, generated from `seed` (`safety`: the checker's verdict)."""
+    """The infotext of one image of `request`, generated from `seed` (`safety`: the checker's verdict;
+    `loras`: the LoRAs applied, as AUTOMATIC1111's `Lora hashes`, with their scales)."""
     fields = {
         "Steps": request.num_inference_steps,
         "Sampler": SCHEDULERS[request.scheduler].infotext_name,
@@ -148,6 +154,9 @@ def generation_infotext(
         fields["Mask blur"] = MASK_BLUR_PX
     if request.outpaint:
         fields["Outpaint"] = request.outpaint.describe()
+    if loras:
+        fields["Lora hashes"] = ", ".join(f"{lora.name}: {lora.hash}" for lora in loras)
+        fields["Lora scales"] = ", ".join(f"{lora.name}: {lora.scale:g}" for lora in loras)
     fields["Safety checker"] = safety
     fields["Version"] = f"sdcog {__version__}"
     return format_infotext(request.prompt, request.negative_prompt, fields)
@@ -159,10 +168,12 @@ def write_outputs(
     model_name: str,
     directory: Path,
     safety: Sequence[str] | None = None,
+    loras: Sequence[AppliedLora] = (),
 ) -> list[Path]:
     """Encode each image of `request` into `directory` with its own parameters embedded.
 
-    `safety` holds the safety checker's verdict per image (None: the model has no checker).
+    `safety` holds the safety checker's verdict per image (None: the model has no checker);
+    `loras` the LoRAs applied.
     """
     directory.mkdir(parents=True, exist_ok=True)
     verdicts = list(safety) if safety is not None else [None] * len(images)
@@ -173,7 +184,7 @@ def write_outputs(
             output_path(directory, index, request.output_format),
             request.output_format,
             request.output_quality,
-            generation_infotext(request, request.seeds[index], model_name, verdicts[index]),
+            generation_infotext(request, request.seeds[index], model_name, verdicts[index], loras),
         )
 
     if len(images) != len(request.seeds) or len(verdicts) != len(images):

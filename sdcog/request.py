@@ -18,6 +18,7 @@ from typing import Any
 
 from PIL import Image
 
+from sdcog.adapter_references import AdapterReference, parse_reference
 from sdcog.errors import InputError
 from sdcog.families import ModelFamily
 from sdcog.images import Outpaint, as_rgb, binary_mask, extend_canvas, round_to_multiple
@@ -33,6 +34,8 @@ DEFAULT_OUTPUT_FORMAT = "webp"
 QUALITY_MIN, QUALITY_MAX, DEFAULT_QUALITY = 1, 100, 90
 STRENGTH_MIN, STRENGTH_MAX, DEFAULT_STRENGTH = 0.0, 1.0, 0.8
 OUTPAINT_MIN, OUTPAINT_MAX = 0, 1024
+MAX_LORAS = 4
+LORA_SCALE_MIN, LORA_SCALE_MAX, DEFAULT_LORA_SCALE = -4.0, 4.0, 1.0
 OUTPAINT_FIELDS = ("outpaint_left", "outpaint_top", "outpaint_right", "outpaint_bottom")
 
 TEXT_TO_IMAGE, IMAGE_TO_IMAGE, INPAINT = "txt2img", "img2img", "inpaint"
@@ -45,6 +48,12 @@ class ModelLimits:
     family: ModelFamily
     native_width: int
     native_height: int
+
+
+@dataclass(frozen=True)
+class LoraRequest:
+    reference: AdapterReference
+    scale: float = DEFAULT_LORA_SCALE
 
 
 @dataclass(frozen=True)
@@ -71,6 +80,7 @@ class GenerationRequest:
     outpaint: Outpaint = field(default_factory=Outpaint)
     disable_safety_checker: bool = False
     """Skip the model's safety checker (models without one are never checked)."""
+    loras: tuple[LoraRequest, ...] = ()
 
     @property
     def seeds(self) -> list[int]:
@@ -140,6 +150,8 @@ def resolve_request(
     prompt_strength: float = DEFAULT_STRENGTH,
     outpaint: Outpaint | None = None,
     disable_safety_checker: bool = False,
+    lora_weights: str | None = None,
+    lora_scales: str | None = None,
 ) -> GenerationRequest:
     """Check every input and fill every default; raises InputError on the first broken rule.
 
@@ -208,6 +220,44 @@ def resolve_request(
         prompt_strength=float(prompt_strength),
         outpaint=outpaint,
         disable_safety_checker=disable_safety_checker,
+        loras=_resolve_loras(lora_weights, lora_scales),
+    )
+
+
+def _split_list(value: str) -> list[str]:
+    """Items separated by commas, spaces or newlines."""
+    return [item for item in value.replace(",", " ").split() if item]
+
+
+def _resolve_loras(lora_weights: str | None, lora_scales: str | None) -> tuple[LoraRequest, ...]:
+    """The LoRA references with their scales (one scale for all, or one each; default 1)."""
+    if lora_weights is not None:
+        _require_type("lora_weights", lora_weights, (str,), "a string")
+    if lora_scales is not None:
+        _require_type("lora_scales", lora_scales, (str,), "a string of numbers")
+    references = [parse_reference("lora_weights", item) for item in _split_list(lora_weights or "")]
+    if len(references) > MAX_LORAS:
+        raise InputError("lora_weights", f"names {len(references)} LoRAs; the limit is {MAX_LORAS}")
+    scales = []
+    for item in _split_list(lora_scales or ""):
+        try:
+            scale = float(item)
+        except ValueError:
+            raise InputError("lora_scales", f"must be numbers separated by commas, got {item!r}") from None
+        _check_range("lora_scales", scale, LORA_SCALE_MIN, LORA_SCALE_MAX)
+        scales.append(scale)
+    if scales and not references:
+        raise InputError("lora_scales", "is set but lora_weights names no LoRA")
+    if len(scales) == 1:
+        scales *= len(references)
+    if scales and len(scales) != len(references):
+        raise InputError(
+            "lora_scales",
+            f"has {len(scales)} values for {len(references)} LoRAs: give one value, or one per LoRA",
+        )
+    return tuple(
+        LoraRequest(reference, scale)
+        for reference, scale in zip(references, scales or [DEFAULT_LORA_SCALE] * len(references), strict=True)
     )
 
 

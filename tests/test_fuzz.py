@@ -97,9 +97,9 @@ def cheapen(inputs: dict[str, Any]) -> dict[str, Any]:
       30 steps at the tiny model's native 128x128, costs ~0.7 s a request);
     - outpaint_*: an integer in 1..1024 becomes 1..16 (0 stays 0), unless left+right or top+bottom
       is over 1984 (the canvas is then over 2048 pixels whatever the image: refused before work);
-    - image/mask: an http(s) URL gets host 127.0.0.1 port 1, so the server never fetches from the
-      network (it refuses loopback hosts, naming the field; with SDCOG_ALLOW_LOCAL_URLS=1 the
-      connection is refused, naming the field too).
+    - image/mask, and each URL of lora_weights: an http(s) URL gets host 127.0.0.1 port 1, so the
+      server never fetches from the network (it refuses loopback hosts, naming the field; with
+      SDCOG_ALLOW_LOCAL_URLS=1 the connection is refused, naming the field too).
     num_outputs (1..4) is kept: at these sizes a batch of 4 costs little more than 1.
     """
     cheap = dict(inputs)
@@ -133,6 +133,9 @@ def cheapen(inputs: dict[str, Any]) -> dict[str, Any]:
     for name in FILE_FIELDS:
         if isinstance(cheap.get(name), str):
             cheap[name] = _offline_url(cheap[name])
+    if isinstance(cheap.get(LORA_WEIGHTS), str):  # each reference offline; hub ids: fuzz_server's env
+        references = cheap[LORA_WEIGHTS].replace(",", " ").split()
+        cheap[LORA_WEIGHTS] = " ".join(_offline_url(item) for item in references) or cheap[LORA_WEIGHTS]
     return cheap
 
 
@@ -221,6 +224,31 @@ HUGE_TEXT = st.builds(
     st.integers(1000, 20000),
 )
 TEXT = st.text(max_size=120) | HUGE_TEXT | st.sampled_from(["", " ", "\x00", "🙂" * 80, "a" * 77 + "🙂"])
+PROMPTS = (
+    st.text(max_size=120)
+    | st.sampled_from(["", " ", "\x00", "🙂" * 80, "a" * 77 + "🙂", " " * 5000, "(a (red:1.3) [[circle]]"])
+    | st.builds(lambda count: "a red circle on a blue background, " * count, st.integers(5, 40))
+)
+"""Valid prompts: up to 600 tokens (long ones are encoded in 75-token windows), weighted or not."""
+TOO_LONG_PROMPT = "a red circle on a blue background " * 150
+PROMPT_FIELDS = ("prompt", "negative_prompt")
+LORA_WEIGHTS, LORA_SCALES = "lora_weights", "lora_scales"
+NO_LORAS = st.sampled_from(["", " ", ",", " , \n"])
+"""The only valid LoRA inputs offline: none (a real LoRA is tested in tests/test_loras.py)."""
+BAD_LORA_REFERENCES = st.sampled_from(
+    [
+        "a-lora",
+        "owner/model",  # Replicate: fuzz_server points its endpoint at 127.0.0.1:1 (refused)
+        "huggingface.co/owner/repo",  # the same for Hugging Face
+        "https://10.0.0.1/x.safetensors",
+        f"https://{LOOPBACK_CLOSED_PORT}/x.safetensors",
+        "http://example.com/x.safetensors",
+        "ftp://example.com/x.safetensors",
+        "data:,hello",
+        "data:;base64,AAAAAAAAAAA=",
+        "a/b c/d e/f g/h i/j",
+    ]
+) | st.text(max_size=20).filter(lambda text: text.replace(",", " ").split())
 LONE_SURROGATE = st.builds(
     lambda text, char: text + char, st.text(max_size=10), st.sampled_from(["\ud800", "\udfff"])
 )
@@ -334,6 +362,12 @@ def invalid_value(name: str, prop: dict[str, Any]) -> st.SearchStrategy[Any]:
             options.append(st.builds(mask_uri, st.integers(8, 96), st.integers(8, 96), st.just("none")))
     elif json_type == "string":
         options.append(LONE_SURROGATE)
+    if name in PROMPT_FIELDS:
+        options.append(st.just(TOO_LONG_PROMPT))
+    if name == LORA_WEIGHTS:
+        options.append(BAD_LORA_REFERENCES)
+    if name == LORA_SCALES:  # refused when lora_weights names no LoRA, as in a valid input
+        options.append(st.sampled_from(["1", "strong", "9", "-5", "1, 2, 3, 4, 5", "nan"]))
     return st.one_of(options)
 
 
@@ -350,6 +384,10 @@ def valid_value(name: str, prop: dict[str, Any]) -> st.SearchStrategy[Any]:
         return st.floats(prop.get("minimum"), prop.get("maximum"))
     if json_type == "boolean":
         return st.booleans()
+    if name in PROMPT_FIELDS:
+        return PROMPTS
+    if name in (LORA_WEIGHTS, LORA_SCALES):
+        return NO_LORAS
     if json_type == "string":
         return TEXT
     raise AssertionError(f"no valid-value strategy for {name}: {prop}")
@@ -712,12 +750,20 @@ def written_schema():
 
 
 @pytest.fixture(scope="module")
-def fuzz_server(written_schema, tiny_sd15):
+def fuzz_server(written_schema, tiny_sd15, tmp_path_factory):
     # Private and link-local URLs (10.0.0.1, 169.254.169.254) are among the inputs: make sure the
     # server refuses them rather than fetching, whatever the environment says.
     # One torch thread: the tiny model gains nothing from two, and while another torch process is
     # busy on the same 2 cores, OpenMP's spinning barriers make each step ~30x slower (measured).
-    env = {"MODEL_WEIGHTS": str(tiny_sd15), "SDCOG_ALLOW_LOCAL_URLS": "0", "OMP_NUM_THREADS": "1"}
+    # Hugging Face and Replicate references resolve to 127.0.0.1:1 (refused as loopback): offline.
+    env = {
+        "MODEL_WEIGHTS": str(tiny_sd15),
+        "SDCOG_ALLOW_LOCAL_URLS": "0",
+        "OMP_NUM_THREADS": "1",
+        "HF_ENDPOINT": f"https://{LOOPBACK_CLOSED_PORT}",
+        "SDCOG_REPLICATE_ENDPOINT": f"https://{LOOPBACK_CLOSED_PORT}",
+        "SDCOG_ADAPTER_CACHE": str(tmp_path_factory.mktemp("adapters")),
+    }
     with running_server(PROJECT_ROOT, env=env) as server:
         yield server
 

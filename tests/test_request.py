@@ -4,6 +4,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from sdcog.adapter_references import parse_reference
 from sdcog.families import SD1, SDXL
 from sdcog.request import SEED_MAX, InputError, ModelLimits, resolve_request
 from sdcog.schedulers import SCHEDULER_NAMES
@@ -119,3 +120,65 @@ def test_valid_inputs_resolve_or_fail_only_on_the_budget(
 def test_every_width_off_the_grid_is_refused(width):
     with pytest.raises(InputError, match="^width: must be a multiple of 8"):
         resolve_request(SD15, prompt="p", width=width)
+
+
+# -- LoRA inputs -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "kind", "location", "file", "name"),
+    [
+        ("https://example.com/loras/Pixel%20Art.safetensors?x=1", "url", None, None, "Pixel Art"),
+        ("huggingface.co/owner/repo", "huggingface", "owner/repo", None, "repo"),
+        (
+            "https://huggingface.co/owner/repo/sub/style.safetensors",
+            "huggingface",
+            "owner/repo",
+            "sub/style.safetensors",
+            "style",
+        ),  # noqa: E501
+        ("hf:owner/repo/a.safetensors@v2", "huggingface", "owner/repo", "a.safetensors", "a"),
+        (
+            "https://huggingface.co/owner/repo/blob/main/b.safetensors",
+            "huggingface",
+            "owner/repo",
+            "b.safetensors",
+            "b",
+        ),  # noqa: E501
+        (
+            "jakedahn/flux-midsummer-blues",
+            "replicate",
+            "jakedahn/flux-midsummer-blues",
+            None,
+            "flux-midsummer-blues",
+        ),  # noqa: E501
+        ("replicate.com/owner/model/versions/0123abcd", "replicate", "owner/model/0123abcd", None, "model"),
+        ("data:;base64,AAAA", "data", "data:;base64,AAAA", None, "inline"),
+    ],
+)
+def test_lora_references_of_every_kind_parse_without_the_network(text, kind, location, file, name):
+    reference = parse_reference("lora_weights", text)
+    assert (reference.kind, reference.file, reference.name) == (kind, file, name)
+    assert reference.location == (location or text)
+
+
+def test_lora_weights_and_scales_pair_up_and_bad_ones_name_their_field():
+    limits = ModelLimits(SD1, 512, 512)
+    both = "a/b, https://x.org/c.safetensors"
+    request = resolve_request(limits, prompt="x", lora_weights=both, lora_scales="0.5")
+    assert [(lora.reference.name, lora.scale) for lora in request.loras] == [("b", 0.5), ("c", 0.5)]
+    request = resolve_request(limits, prompt="x", lora_weights="a/b\nc/d", lora_scales="1, -0.5")
+    assert [lora.scale for lora in request.loras] == [1.0, -0.5]
+    assert resolve_request(limits, prompt="x").loras == ()
+    for inputs, field, message in [
+        (dict(lora_weights="a/b c/d", lora_scales="1, 2, 3"), "lora_scales", "3 values for 2 LoRAs"),
+        (dict(lora_weights="a/b", lora_scales="strong"), "lora_scales", "must be numbers"),
+        (dict(lora_weights="a/b", lora_scales="9"), "lora_scales", "between -4.0 and 4.0"),
+        (dict(lora_scales="1"), "lora_scales", "names no LoRA"),
+        (dict(lora_weights="a/b c/d e/f g/h i/j"), "lora_weights", "the limit is 4"),
+        (dict(lora_weights="not a reference!"), "lora_weights", "is not a reference this model reads"),
+        (dict(lora_weights="ftp://x.org/a.safetensors"), "lora_weights", "is not a reference"),
+    ]:
+        with pytest.raises(InputError, match=message) as error:
+            resolve_request(limits, prompt="x", **inputs)
+        assert error.value.field == field

@@ -1,0 +1,168 @@
+"""Prompts longer than CLIP's 77 tokens, and weighted prompts, as embeddings for the pipeline.
+
+diffusers encodes a prompt in one CLIP window of 77 tokens (75 plus the start and end markers) and
+drops the rest with a warning. Prompts that fit and carry no weights still go that way, so their
+images are exactly what plain diffusers makes. The others are encoded here with compel
+(https://github.com/damian0815/compel), the maintained library InvokeAI and diffusers' docs use
+for this: the prompt is split into windows of 75 tokens (at a sentence or phrase boundary where
+there is one), each window is encoded on its own with its markers, and the windows are joined; a
+weight scales its tokens' embeddings away from those of the empty prompt (or, below 1, blends
+towards the prompt without them). compel parses its own syntax, not AUTOMATIC1111's, so the
+prompt is parsed by `sdcog.prompt_syntax` and handed over as fragments.
+
+SDXL's two text encoders are each run this way and joined along the feature axis, as diffusers
+does for one window; the pooled embedding comes from the second encoder's first window, as in
+AUTOMATIC1111. Nothing is dropped up to `MAX_PROMPT_TOKENS`; a longer prompt is refused, naming it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from compel import Compel, ReturnedEmbeddingsType
+from compel.diffusers_textual_inversion_manager import DiffusersTextualInversionManager
+from compel.prompt_parser import FlattenedPrompt
+from compel.prompt_parser import Fragment as CompelFragment
+from diffusers import DiffusionPipeline
+
+from sdcog.errors import InputError
+from sdcog.prompt_syntax import Fragment, is_weighted, parse_weighted_prompt, plain_text
+
+WINDOW_TOKENS = 75
+"""Tokens per CLIP window, without its start and end markers."""
+MAX_PROMPT_TOKENS = 8 * WINDOW_TOKENS
+"""The longest prompt accepted: each window of 75 tokens adds to every denoising step's cost."""
+
+
+@dataclass(frozen=True)
+class ParsedPrompt:
+    field: str
+    text: str
+    """Without the attention syntax."""
+    fragments: list[Fragment]
+    tokens: int
+    """Its token count (without markers), the longest of the model's tokenizers."""
+
+    @property
+    def needs_windows(self) -> bool:
+        return self.tokens > WINDOW_TOKENS or is_weighted(self.fragments)
+
+
+class PromptEncoder:
+    """Turns a prompt and a negative prompt into the pipeline's text arguments."""
+
+    def __init__(self, pipeline: DiffusionPipeline):
+        self.pipeline = pipeline
+        encoders = [
+            (tokenizer, encoder)
+            for tokenizer, encoder in (
+                (getattr(pipeline, "tokenizer", None), getattr(pipeline, "text_encoder", None)),
+                (getattr(pipeline, "tokenizer_2", None), getattr(pipeline, "text_encoder_2", None)),
+            )
+            if tokenizer is not None and encoder is not None
+        ]
+        self.tokenizers = [tokenizer for tokenizer, _ in encoders]
+        self.is_xl = hasattr(pipeline, "text_encoder_2")
+        # SDXL: the penultimate layer's states, not normalised, as diffusers uses them; SD 1.x/2.x:
+        # the last layer's, normalised.
+        returned = (
+            ReturnedEmbeddingsType.PENULTIMATE_HIDDEN_STATES_NON_NORMALIZED
+            if self.is_xl
+            else ReturnedEmbeddingsType.LAST_HIDDEN_STATES_NORMALIZED
+        )
+        manager = DiffusersTextualInversionManager(pipeline)
+        self.compels = [
+            Compel(
+                tokenizer=tokenizer,
+                text_encoder=encoder,
+                textual_inversion_manager=manager,
+                dtype_for_device_getter=lambda _device, encoder=encoder: encoder.dtype,
+                truncate_long_prompts=False,
+                returned_embeddings_type=returned,
+                requires_pooled=self.is_xl and index == len(encoders) - 1,
+            )
+            for index, (tokenizer, encoder) in enumerate(encoders)
+        ]
+
+    def parse(self, field: str, prompt: str) -> ParsedPrompt:
+        fragments = parse_weighted_prompt(prompt)
+        text = plain_text(fragments)
+        converted = self.pipeline.maybe_convert_prompt(text, self.tokenizers[0])  # multi-vector embeddings
+        tokens = max(
+            len(tokenizer(converted, add_special_tokens=False, verbose=False).input_ids)
+            for tokenizer in self.tokenizers
+        )
+        if tokens > MAX_PROMPT_TOKENS:
+            raise InputError(
+                field,
+                f"is {tokens} tokens long; the limit is {MAX_PROMPT_TOKENS} "
+                f"({MAX_PROMPT_TOKENS // WINDOW_TOKENS} CLIP windows of {WINDOW_TOKENS} tokens): shorten it",
+            )
+        return ParsedPrompt(field, text, fragments, tokens)
+
+    def arguments(self, prompt: str, negative_prompt: str) -> dict[str, object]:
+        """`prompt`/`negative_prompt` for the pipeline when both fit one window without weights,
+        else their embeddings (`prompt_embeds`, `negative_prompt_embeds`, and SDXL's pooled ones)."""
+        positive = self.parse("prompt", prompt)
+        negative = self.parse("negative_prompt", negative_prompt)
+        if not (positive.needs_windows or negative.needs_windows):
+            return dict(prompt=positive.text, negative_prompt=negative.text or None)
+        embeds, pooled = self._encode(positive)
+        arguments: dict[str, object] = dict(prompt_embeds=embeds)
+        if pooled is not None:
+            arguments["pooled_prompt_embeds"] = pooled
+        # SDXL's empty negative prompt is zeros (force_zeros_for_empty_prompt): the pipeline does
+        # that from prompt_embeds' shape when given no negative.
+        zeros = self.is_xl and self.pipeline.config.get("force_zeros_for_empty_prompt", False)
+        if zeros and not negative.text:
+            return arguments
+        negative_embeds, negative_pooled = self._encode(negative)
+        embeds, negative_embeds = self._pad_to_same_length(embeds, negative_embeds)
+        arguments.update(prompt_embeds=embeds, negative_prompt_embeds=negative_embeds)
+        if negative_pooled is not None:
+            arguments["negative_pooled_prompt_embeds"] = negative_pooled
+        return arguments
+
+    @torch.no_grad()
+    def _encode(self, prompt: ParsedPrompt) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The prompt's windows from each text encoder, joined along the feature axis, and SDXL's pooled
+        embedding (None for SD 1.x/2.x)."""
+        per_encoder = [self._windows(compel, prompt.fragments) for compel in self.compels]
+        # SDXL's two tokenizers may split a prompt differently: pad the shorter with empty windows.
+        longest = max(embeds.shape[1] for embeds in per_encoder)
+        per_encoder = [
+            self._pad(embeds, longest, lambda compel=compel: self._windows(compel, [Fragment("")]))
+            for embeds, compel in zip(per_encoder, self.compels, strict=True)
+        ]
+        pooled = None
+        last = self.compels[-1]
+        if last.requires_pooled:
+            pooled = last.conditioning_provider.get_pooled_embeddings([prompt.text], device=last.device)
+        return torch.cat(per_encoder, dim=-1), pooled
+
+    @staticmethod
+    def _windows(compel: Compel, fragments: list[Fragment]) -> torch.Tensor:
+        flattened = FlattenedPrompt(
+            [CompelFragment(fragment.text, fragment.weight) for fragment in fragments]
+        )
+        (embeds, _tokens), _options = compel.build_conditioning_tensor_for_prompt_object(flattened)
+        return embeds
+
+    def _pad_to_same_length(
+        self, first: torch.Tensor, second: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The prompt's and the negative prompt's embeddings, the shorter padded with empty windows."""
+        longest = max(first.shape[1], second.shape[1])
+        empty = lambda: self._encode(ParsedPrompt("", "", [Fragment("")], 0))[0]  # noqa: E731
+        return self._pad(first, longest, empty), self._pad(second, longest, empty)
+
+    @staticmethod
+    def _pad(embeds: torch.Tensor, length: int, empty_window) -> torch.Tensor:
+        """`embeds` followed by empty-prompt windows up to `length` tokens. The empty window is
+        encoded each time: a LoRA on the text encoder changes it."""
+        if embeds.shape[1] >= length:
+            return embeds
+        window = empty_window()
+        repeats = (length - embeds.shape[1]) // window.shape[1]
+        return torch.cat([embeds, *[window] * repeats], dim=1)
