@@ -66,7 +66,10 @@ class LoraAdapters:
         self.max_loaded = max_loaded
         self.loaded: OrderedDict[str, str] = OrderedDict()  # adapter name -> short hash
         unet = pipeline.unet
-        self._fused = getattr(unet, "original_attn_processors", None) is not None
+        # The processors before fusing. set_attn_processor empties the dict it is given (it pops each
+        # entry), so diffusers' own unfuse_qkv_projections works once only: keep a copy, pass copies.
+        self._unfused = dict(getattr(unet, "original_attn_processors", None) or {})
+        self._fused = bool(self._unfused)
         self._fused_active = self._fused
 
     def activate(self, loras: list[tuple[AdapterFile, float]]) -> list[AppliedLora]:
@@ -157,7 +160,7 @@ class LoraAdapters:
         if fused:
             unet.set_attn_processor(FusedAttnProcessor2_0())
         else:
-            unet.unfuse_qkv_projections()
+            unet.set_attn_processor(dict(self._unfused))
 
 
 def _adapter_name(file: AdapterFile) -> str:

@@ -12,6 +12,7 @@ other caller, plus the rules a JSON schema cannot express (multiples of 8, the p
 
 from __future__ import annotations
 
+import re
 import secrets
 from dataclasses import dataclass, field
 from typing import Any
@@ -225,8 +226,8 @@ def resolve_request(
 
 
 def _split_list(value: str) -> list[str]:
-    """Items separated by commas, spaces or newlines."""
-    return [item for item in value.replace(",", " ").split() if item]
+    """Items separated by commas, spaces or newlines (a data URI keeps the comma after its header)."""
+    return re.findall(r"data:[^,\s]*,[^,\s]*|[^,\s]+", value)
 
 
 def _resolve_loras(lora_weights: str | None, lora_scales: str | None) -> tuple[LoraRequest, ...]:

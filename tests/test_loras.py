@@ -219,9 +219,10 @@ def test_loras_reach_the_attention_when_qkv_projections_are_fused(tiny_sd15, cac
     fused = Engine.load(tiny_sd15)
     optimize_modules(fused.pipeline)  # what the fast path does on a GPU
     url = f"{server.url}/style.safetensors"
-    assert np.abs(generate(fused, cache, url)[0] - generate(plain, cache, url)[0]).max() <= 2
-    fused_base, _ = generate(fused, cache)
-    assert np.abs(fused_base - generate(plain, cache)[0]).max() <= 2
+    for _ in range(2):  # switching back and forth, more than once (found on an H100)
+        assert np.abs(generate(fused, cache, url)[0] - generate(plain, cache, url)[0]).max() <= 2
+        fused_base, _ = generate(fused, cache)
+        assert np.abs(fused_base - generate(plain, cache)[0]).max() <= 2
     assert type(next(iter(fused.pipeline.unet.attn_processors.values()))).__name__ == "FusedAttnProcessor2_0"
 
 

@@ -170,6 +170,8 @@ def test_lora_weights_and_scales_pair_up_and_bad_ones_name_their_field():
     request = resolve_request(limits, prompt="x", lora_weights="a/b\nc/d", lora_scales="1, -0.5")
     assert [lora.scale for lora in request.loras] == [1.0, -0.5]
     assert resolve_request(limits, prompt="x").loras == ()
+    request = resolve_request(limits, prompt="x", lora_weights="data:;base64,AAAA, a/b")
+    assert [lora.reference.kind for lora in request.loras] == ["data", "replicate"]
     for inputs, field, message in [
         (dict(lora_weights="a/b c/d", lora_scales="1, 2, 3"), "lora_scales", "3 values for 2 LoRAs"),
         (dict(lora_weights="a/b", lora_scales="strong"), "lora_scales", "must be numbers"),
