@@ -110,7 +110,6 @@ class AdapterCache:
         sha256, size = self._download(field, reference, token)
         self.downloads += 1
         self._index[key] = sha256
-        self._write_index()
         log.info(
             "%s: fetched %s (%.1f MB, sha256 %s) in %.1f s",
             field,
@@ -119,7 +118,7 @@ class AdapterCache:
             sha256[:12],
             time.perf_counter() - started,
         )
-        self._evict(keep | {sha256})
+        self._evict(keep | {sha256})  # also writes the index, with this reference in it
         return AdapterFile(self.path_for(sha256), sha256, reference.name)
 
     def _download(self, field: str, reference: AdapterReference, token: str | None) -> tuple[str, int]:

@@ -20,15 +20,18 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from sdcog import __version__
 from sdcog.images import MASK_BLUR_PX
-from sdcog.loras import AppliedLora
 from sdcog.request import INPAINT, TEXT_TO_IMAGE, GenerationRequest
 from sdcog.schedulers import SCHEDULERS
+
+if TYPE_CHECKING:  # only a type here: loras imports diffusers, which encoding does not need
+    from sdcog.loras import AppliedLora
 
 EXIF_IFD_POINTER = 0x8769
 EXIF_USER_COMMENT = 0x9286

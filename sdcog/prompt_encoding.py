@@ -154,7 +154,10 @@ class PromptEncoder:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The prompt's and the negative prompt's embeddings, the shorter padded with empty windows."""
         longest = max(first.shape[1], second.shape[1])
-        empty = lambda: self._encode(ParsedPrompt("", "", [Fragment("")], 0))[0]  # noqa: E731
+
+        def empty() -> torch.Tensor:  # one window of the empty prompt from each encoder, joined
+            return torch.cat([self._windows(compel, [Fragment("")]) for compel in self.compels], dim=-1)
+
         return self._pad(first, longest, empty), self._pad(second, longest, empty)
 
     @staticmethod
