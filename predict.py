@@ -144,6 +144,10 @@ class Predictor(BasePredictor):
             description="Strength of each LoRA in lora_weights, in the same order, separated by commas: one value for all, or one each (-4 to 4; default 1; 0 turns a LoRA off).",  # noqa: E501
             default=None,
         ),
+        embeddings: str | None = Input(
+            description="Textual-inversion embeddings (up to 8), separated by commas or spaces, each a reference as in lora_weights, optionally as word=<reference>. Write the word in prompt or negative_prompt to use it; it defaults to the file's name (easynegative.safetensors: easynegative). .safetensors in AUTOMATIC1111, diffusers or SDXL (clip_l/clip_g) format.",  # noqa: E501
+            default=None,
+        ),
     ) -> list[Path]:
         try:
             request = resolve_request(
@@ -166,12 +170,18 @@ class Predictor(BasePredictor):
                 disable_safety_checker=disable_safety_checker,
                 lora_weights=lora_weights,
                 lora_scales=lora_scales,
+                embeddings=embeddings,
             )
             for index, image_seed in enumerate(request.seeds):
                 log.info("image %d: seed %d", index, image_seed)
             loras = self.adapters.fetch_loras(request.loras)
+            embeddings = self.adapters.fetch_embeddings(
+                request.embeddings, keep=frozenset(file.sha256 for file, _ in loras)
+            )
             # In a worker thread, so that a cancel stops it between two denoising steps.
-            generation = run_cancellable(lambda cancel: self.engine.generate(request, cancel, loras))
+            generation = run_cancellable(
+                lambda cancel: self.engine.generate(request, cancel, loras, embeddings)
+            )
             paths = write_outputs(
                 generation.images,
                 request,
@@ -179,6 +189,7 @@ class Predictor(BasePredictor):
                 self.outputs.next(),
                 generation.safety,
                 generation.loras,
+                generation.embeddings,
             )
             return [Path(path) for path in paths]
         finally:

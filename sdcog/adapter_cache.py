@@ -1,4 +1,4 @@
-"""LoRA files fetched for requests, kept on disk by content hash; least recently used out first.
+"""LoRA and embedding files fetched for requests, kept on disk by content hash; least recently used out first.
 
 A reference (see `sdcog.adapter_references`) is fetched once: the file is stored as
 `<sha256>.safetensors`, and `references.json` maps each reference to its hash, so the next request
@@ -7,7 +7,8 @@ limit, the least recently used are deleted (never one the current request uses).
 
 Only safetensors files are kept: anything else (a pickled `.ckpt`/`.bin`, an HTML error page) is
 refused before it is stored, so nothing but tensors is ever loaded. A Replicate model's weights
-arrive as a tar: its `.safetensors` member is stored, nothing of it is unpacked to disk.
+arrive as a tar: its LoRA (`lora.safetensors`) or its embeddings (`embeddings.pti`, safetensors too)
+is stored, nothing of it is unpacked to disk.
 
 Operator settings:
 - `SDCOG_ADAPTER_CACHE`: the directory (default `~/.cache/sdcog/adapters`);
@@ -29,10 +30,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from sdcog.adapter_references import AdapterReference, resolve_download
+from sdcog.adapter_references import EMBEDDING, LORA, AdapterKind, AdapterReference, resolve_download
 from sdcog.errors import InputError
 from sdcog.input_files import decode_data_uri, fetch_url_to
-from sdcog.request import LoraRequest
+from sdcog.request import EmbeddingRequest, LoraRequest
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,6 @@ MAX_ADAPTER_MB_ENV = "SDCOG_MAX_ADAPTER_MB"
 DEFAULT_CACHE_GB = 20
 DEFAULT_MAX_ADAPTER_MB = 2000
 INDEX_FILE = "references.json"
-LORA_FIELD = "lora_weights"
 TOKEN_ENVS = {"huggingface": "HF_TOKEN", "replicate": "REPLICATE_API_TOKEN"}
 _SUFFIX = ".safetensors"
 _MAX_HEADER = 100_000_000  # safetensors' own limit on its JSON header
@@ -80,14 +80,34 @@ class AdapterCache:
     def fetch_loras(
         self, loras: Sequence[LoraRequest], environ: Mapping[str, str] = os.environ
     ) -> list[tuple[AdapterFile, float]]:
-        """Each LoRA's file (fetched or from the disk) with its scale. Tokens come from the server's
-        environment, for their own hosts only: HF_TOKEN for Hugging Face, REPLICATE_API_TOKEN for
-        Replicate."""
-        files: list[tuple[AdapterFile, float]] = []
-        for lora in loras:
-            token = environ.get(TOKEN_ENVS.get(lora.reference.kind, "")) or None
-            keep = frozenset(file.sha256 for file, _ in files)
-            files.append((self.fetch(LORA_FIELD, lora.reference, token, keep), lora.scale))
+        """Each LoRA's file (fetched or from the disk) with its scale."""
+        files = self.fetch_all(LORA, [lora.reference for lora in loras], environ)
+        return [(file, lora.scale) for file, lora in zip(files, loras, strict=True)]
+
+    def fetch_embeddings(
+        self,
+        embeddings: Sequence[EmbeddingRequest],
+        environ: Mapping[str, str] = os.environ,
+        keep: frozenset[str] = frozenset(),
+    ) -> list[tuple[AdapterFile, str | None]]:
+        """Each embedding's file with the token the request gave it (None: the file's own)."""
+        files = self.fetch_all(EMBEDDING, [embedding.reference for embedding in embeddings], environ, keep)
+        return [(file, embedding.token) for file, embedding in zip(files, embeddings, strict=True)]
+
+    def fetch_all(
+        self,
+        kind: AdapterKind,
+        references: Sequence[AdapterReference],
+        environ: Mapping[str, str] = os.environ,
+        keep: frozenset[str] = frozenset(),
+    ) -> list[AdapterFile]:
+        """The references' files, none evicted by another's arrival (nor those in `keep`). Tokens
+        come from the server's environment, for their own hosts only: HF_TOKEN for Hugging Face,
+        REPLICATE_API_TOKEN for Replicate."""
+        files: list[AdapterFile] = []
+        for reference in references:
+            token = environ.get(TOKEN_ENVS.get(reference.kind, "")) or None
+            files.append(self.fetch(kind, reference, token, keep | {file.sha256 for file in files}))
         return files
 
     def path_for(self, sha256: str) -> Path:
@@ -95,24 +115,24 @@ class AdapterCache:
 
     def fetch(
         self,
-        field: str,
+        kind: AdapterKind,
         reference: AdapterReference,
         token: str | None = None,
         keep: frozenset[str] = frozenset(),
     ) -> AdapterFile:
         """The reference's file, from the disk when it was fetched before; `keep`: hashes not to evict."""
-        key = _index_key(reference)
+        key = f"{kind.field}|{_index_key(reference)}"  # the file taken from a tar or repo depends on the kind
         sha256 = self._index.get(key)
         if sha256 and self.path_for(sha256).is_file():
             os.utime(self.path_for(sha256))  # most recently used
             return AdapterFile(self.path_for(sha256), sha256, reference.name)
         started = time.perf_counter()
-        sha256, size = self._download(field, reference, token)
+        sha256, size = self._download(kind, reference, token)
         self.downloads += 1
         self._index[key] = sha256
         log.info(
             "%s: fetched %s (%.1f MB, sha256 %s) in %.1f s",
-            field,
+            kind.field,
             reference.name,
             size / 1e6,
             sha256[:12],
@@ -121,18 +141,19 @@ class AdapterCache:
         self._evict(keep | {sha256})  # also writes the index, with this reference in it
         return AdapterFile(self.path_for(sha256), sha256, reference.name)
 
-    def _download(self, field: str, reference: AdapterReference, token: str | None) -> tuple[str, int]:
+    def _download(self, kind: AdapterKind, reference: AdapterReference, token: str | None) -> tuple[str, int]:
+        field = kind.field
         with tempfile.TemporaryDirectory(dir=self.root, prefix="incoming-") as incoming:
             body = Path(incoming) / "body"
             with body.open("wb") as sink:
                 if reference.kind == "data":
                     sink.write(decode_data_uri(field, reference.location, self.max_file_bytes))
                 else:
-                    url = resolve_download(field, reference, token)
+                    url = resolve_download(kind, reference, token)
                     headers = {"Authorization": f"Bearer {token}"} if token else None
                     fetch_url_to(sink, field, url, self.max_file_bytes, headers=headers)
             if tarfile.is_tarfile(body):
-                body = _safetensors_from_tar(field, reference, body, Path(incoming) / "member")
+                body = _safetensors_from_tar(kind, reference, body, Path(incoming) / "member")
             _check_safetensors(field, reference, body)
             sha256 = _sha256(body)
             size = body.stat().st_size
@@ -192,14 +213,19 @@ def _check_safetensors(field: str, reference: AdapterReference, path: Path) -> N
         )
 
 
-def _safetensors_from_tar(field: str, reference: AdapterReference, archive: Path, out: Path) -> Path:
-    """The tar's `.safetensors` member (a Replicate model's weights), copied out without unpacking."""
+def _safetensors_from_tar(kind: AdapterKind, reference: AdapterReference, archive: Path, out: Path) -> Path:
+    """The tar's member for `kind` (a Replicate model's weights), copied out without unpacking."""
+    field = kind.field
     with tarfile.open(archive) as tar:
-        members = [m for m in tar.getmembers() if m.isfile() and m.name.endswith(_SUFFIX)]
+        members = [
+            m
+            for m in tar.getmembers()
+            if m.isfile() and (m.name.endswith(_SUFFIX) or Path(m.name).name == kind.tar_member)
+        ]
         if not members:
             raise InputError(field, f"{reference.name}: the archive it points to holds no .safetensors file")
-        # Replicate's LoRA trainers name it lora.safetensors; otherwise the only one.
-        preferred = [m for m in members if Path(m.name).name == "lora.safetensors"]
+        # Replicate's trainers write lora.safetensors and embeddings.pti; otherwise the only one.
+        preferred = [m for m in members if Path(m.name).name == kind.tar_member]
         if not preferred and len(members) > 1:
             names = ", ".join(m.name for m in members[:5])
             raise InputError(field, f"{reference.name}: its archive has several .safetensors files ({names})")

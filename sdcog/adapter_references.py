@@ -4,7 +4,8 @@ A reference is one of:
 - an https URL to a `.safetensors` file, or a `data:` URI of one;
 - `huggingface.co/<owner>/<repo>` (also `hf:<owner>/<repo>`), optionally followed by
   `/<file>.safetensors` and `@<revision>`: a file of a Hugging Face repository (without a file, the
-  repository's one `.safetensors` file, or `pytorch_lora_weights.safetensors` among several); a
+  repository's one `.safetensors` file, or among several the usual one for its kind: diffusers'
+  `pytorch_lora_weights.safetensors` or `learned_embeds.safetensors`); a
   file's page or download URL (`.../blob/<revision>/<file>`, `.../resolve/...`) reads the same;
 - `<owner>/<model>` or `<owner>/<model>/<version>` (also after `replicate.com/`): the weights of a
   Replicate model, as in Replicate's own LoRA models (a tar holding the `.safetensors` file).
@@ -32,7 +33,22 @@ HF_TOKEN_ENV = "HF_TOKEN"
 DEFAULT_HF_ENDPOINT = "https://huggingface.co"
 REPLICATE_ENDPOINT_ENV = "SDCOG_REPLICATE_ENDPOINT"
 DEFAULT_REPLICATE_ENDPOINT = "https://replicate.com"
-PREFERRED_LORA_FILE = "pytorch_lora_weights.safetensors"
+
+
+@dataclass(frozen=True)
+class AdapterKind:
+    """What a reference is fetched for: its input field, and which file to take where there are several."""
+
+    field: str
+    hf_file: str
+    """The file diffusers' trainers write, taken from a Hugging Face repository holding several."""
+    tar_member: str
+    """The member Replicate's trainers write, taken from a Replicate model's weights tar."""
+
+
+LORA = AdapterKind("lora_weights", "pytorch_lora_weights.safetensors", "lora.safetensors")
+EMBEDDING = AdapterKind("embeddings", "learned_embeds.safetensors", "embeddings.pti")
+_GENERIC_FILES = {LORA.hf_file, EMBEDDING.hf_file}
 
 _NAME = r"[A-Za-z0-9][A-Za-z0-9._-]*"
 _HF = re.compile(
@@ -69,7 +85,7 @@ class AdapterReference:
         if self.kind == "url":
             stem = PurePosixPath(unquote(urlsplit(self.location).path)).stem
             return _metadata_safe(stem or urlsplit(self.location).hostname or "lora")
-        if self.file and self.file != PREFERRED_LORA_FILE:
+        if self.file and self.file not in _GENERIC_FILES:
             return _metadata_safe(PurePosixPath(self.file).stem)
         return _metadata_safe(self.location.split("/")[1])
 
@@ -125,7 +141,7 @@ def replicate_endpoint(environ=os.environ) -> str:
     return (environ.get(REPLICATE_ENDPOINT_ENV) or DEFAULT_REPLICATE_ENDPOINT).rstrip("/")
 
 
-def resolve_download(field: str, reference: AdapterReference, token: str | None = None) -> str:
+def resolve_download(kind: AdapterKind, reference: AdapterReference, token: str | None = None) -> str:
     """The URL to download for a huggingface, replicate or url reference.
 
     For a Hugging Face repository without a file name, the repository is listed (the one network
@@ -140,16 +156,17 @@ def resolve_download(field: str, reference: AdapterReference, token: str | None 
     from huggingface_hub import hf_hub_url
 
     revision = reference.revision or "main"
-    file = reference.file or _single_safetensors_file(field, reference, revision, token)
+    file = reference.file or _single_safetensors_file(kind, reference, revision, token)
     return hf_hub_url(reference.location, file, revision=revision, endpoint=hf_endpoint())
 
 
 def _single_safetensors_file(
-    field: str, reference: AdapterReference, revision: str, token: str | None
+    kind: AdapterKind, reference: AdapterReference, revision: str, token: str | None
 ) -> str:
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError
 
+    field = kind.field
     try:
         files = HfApi(endpoint=hf_endpoint()).list_repo_files(
             reference.location, revision=revision, token=token or False
@@ -164,8 +181,8 @@ def _single_safetensors_file(
     except (OSError, httpx.HTTPError) as error:
         raise InputError(field, f"cannot reach Hugging Face to list {reference.location}: {error}") from error
     candidates = [name for name in files if name.endswith(".safetensors")]
-    if PREFERRED_LORA_FILE in candidates:
-        return PREFERRED_LORA_FILE
+    if kind.hf_file in candidates:
+        return kind.hf_file
     if len(candidates) == 1:
         return candidates[0]
     if not candidates:

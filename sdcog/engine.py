@@ -32,6 +32,7 @@ from sdcog.acceleration import (
 )
 from sdcog.adapter_cache import AdapterFile
 from sdcog.cancellation import CancelFlag, on_generation_thread
+from sdcog.embeddings import AppliedEmbedding, TextualInversions
 from sdcog.families import ModelFamily, detect_family
 from sdcog.images import paste_back
 from sdcog.loras import AppliedLora, LoraAdapters
@@ -70,6 +71,8 @@ class Generation:
     safety: list[str] | None = None
     """Per image, the safety checker's verdict (SAFETY_*), for the metadata; None: the model has none."""
     loras: list[AppliedLora] = field(default_factory=list)
+    embeddings: list[AppliedEmbedding] = field(default_factory=list)
+    """The request's embeddings that its prompts used."""
 
     @property
     def flagged(self) -> list[bool]:
@@ -90,6 +93,10 @@ class Engine:
     @cached_property
     def loras(self) -> LoraAdapters:
         return LoraAdapters(self.pipeline)
+
+    @cached_property
+    def embeddings(self) -> TextualInversions:
+        return TextualInversions(self.pipeline)
 
     @classmethod
     def load(cls, directory: Path, device: torch.device | None = None) -> Engine:
@@ -132,6 +139,7 @@ class Engine:
         pipeline.to(device)
         fast_path = apply_fast_path(pipeline, device)
         engine = cls(pipeline=pipeline, family=family, weights=weights, device=device)
+        _ = engine.embeddings  # the embedding slots join the tokenizers now, before any request
         limits = engine.limits
         log.info(
             "setup: loaded %s in %.1f s (reading %.1f s, moving to %s %.1f s); components: %s; "
@@ -236,9 +244,11 @@ class Engine:
         request: GenerationRequest,
         cancel: CancelFlag | None = None,
         loras: list[tuple[AdapterFile, float]] | None = None,
+        embeddings: list[tuple[AdapterFile, str | None]] | None = None,
     ) -> Generation:
         """Run one request: text-to-image, image-to-image or inpainting, by `request.mode`, with
-        exactly `loras` (fetched files and their scales) applied: none means the base model.
+        exactly `loras` (fetched files and their scales) applied: none means the base model; and
+        `embeddings` (fetched files and the words given to them) for this request only.
 
         Progress is logged per step (throttled); `cancel`, when set, stops the run after the
         current step with `Cancelled` (the VAE decode is skipped). Running out of GPU memory frees
@@ -258,7 +268,6 @@ class Engine:
             return callback_kwargs
 
         arguments = dict(
-            **self.prompts.arguments(request.prompt, request.negative_prompt),
             num_inference_steps=request.num_inference_steps,
             guidance_scale=request.guidance_scale,
             num_images_per_prompt=request.num_outputs,
@@ -273,16 +282,22 @@ class Engine:
         if request.mode == INPAINT:
             arguments.update(mask_image=request.mask_image)
         out_of_memory = False
-        try:
-            output = pipeline(**arguments)
-        except torch.OutOfMemoryError:
-            out_of_memory = True  # handled outside the except block, once its frames are released
+        with self.embeddings.applied(embeddings or []) as active:
+            arguments.update(self.prompts.arguments(request.prompt, request.negative_prompt, active.expand))
+            active.warn_unused()
+            try:
+                output = pipeline(**arguments)
+            except torch.OutOfMemoryError:
+                out_of_memory = True  # handled outside the except block, once its frames are released
         if out_of_memory:
             del pipeline
             free_accelerator_memory()
             raise OutOfMemory(request, self.device)
         generation = Generation(
-            images=list(output.images), safety=self._safety_verdicts(output, request), loras=applied
+            images=list(output.images),
+            safety=self._safety_verdicts(output, request),
+            loras=applied,
+            embeddings=active.applied,
         )
         if request.mode == INPAINT:
             generation.images = [

@@ -28,7 +28,8 @@ from diffusers import DiffusionPipeline
 from diffusers.models.attention_processor import FusedAttnProcessor2_0
 from safetensors.torch import load_file
 
-from sdcog.adapter_cache import LORA_FIELD, AdapterFile
+from sdcog.adapter_cache import AdapterFile
+from sdcog.adapter_references import LORA
 from sdcog.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -81,7 +82,7 @@ class LoraAdapters:
             return []
         hashes = [file.sha256 for file, _ in loras]
         if len(set(hashes)) < len(hashes):
-            raise InputError(LORA_FIELD, "names the same LoRA file twice: give it once, with one scale")
+            raise InputError(LORA.field, "names the same LoRA file twice: give it once, with one scale")
         self._use_fused_attention(False)
         applied = []
         for file, scale in loras:
@@ -110,20 +111,20 @@ class LoraAdapters:
                 self.pipeline.load_lora_weights(state_dict, adapter_name=name)
         except (ValueError, KeyError, RuntimeError, TypeError) as error:
             self._forget(name)
-            raise InputError(LORA_FIELD, f"{file.name} is not a LoRA for this model: {error}") from error
+            raise InputError(LORA.field, f"{file.name} is not a LoRA for this model: {error}") from error
         finally:
             transformers.logging.set_verbosity(verbosity)
         if name not in self._adapter_names():
             self._forget(name)
             raise InputError(
-                LORA_FIELD,
+                LORA.field,
                 f"{file.name}: none of its {len(state_dict)} tensors matches a layer of this model "
                 f"({type(self.pipeline).__name__}); is it a LoRA for another model family?",
             )
         self.loaded[name] = tensor_data_hash(file.path)[:12]
         log.info(
             "%s: loaded %s (%d tensors) as adapter %s in %.2f s; %d loaded",
-            LORA_FIELD,
+            LORA.field,
             file.name,
             len(state_dict),
             name,
@@ -138,7 +139,7 @@ class LoraAdapters:
                 break
             if name not in keep:
                 self._forget(name)
-                log.info("%s: unloaded adapter %s, the least recently used", LORA_FIELD, name)
+                log.info("%s: unloaded adapter %s, the least recently used", LORA.field, name)
 
     def _forget(self, name: str) -> None:
         if name in self._adapter_names():

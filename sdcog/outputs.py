@@ -31,6 +31,7 @@ from sdcog.request import INPAINT, TEXT_TO_IMAGE, GenerationRequest
 from sdcog.schedulers import SCHEDULERS
 
 if TYPE_CHECKING:  # only a type here: loras imports diffusers, which encoding does not need
+    from sdcog.embeddings import AppliedEmbedding
     from sdcog.loras import AppliedLora
 
 EXIF_IFD_POINTER = 0x8769
@@ -139,9 +140,11 @@ def generation_infotext(
     model_name: str,
     safety: str | None = None,
     loras: Sequence[AppliedLora] = (),
+    embeddings: Sequence[AppliedEmbedding] = (),
 ) -> str:
     """The infotext of one image of `request`, generated from `seed` (`safety`: the checker's verdict;
-    `loras`: the LoRAs applied, as AUTOMATIC1111's `Lora hashes`, with their scales)."""
+    `loras`: the LoRAs applied, as AUTOMATIC1111's `Lora hashes`, with their scales; `embeddings`:
+    those the prompts used, as its `TI hashes`)."""
     fields = {
         "Steps": request.num_inference_steps,
         "Sampler": SCHEDULERS[request.scheduler].infotext_name,
@@ -160,6 +163,8 @@ def generation_infotext(
     if loras:
         fields["Lora hashes"] = ", ".join(f"{lora.name}: {lora.hash}" for lora in loras)
         fields["Lora scales"] = ", ".join(f"{lora.name}: {lora.scale:g}" for lora in loras)
+    if embeddings:
+        fields["TI hashes"] = ", ".join(f"{embedding.name}: {embedding.hash}" for embedding in embeddings)
     fields["Safety checker"] = safety
     fields["Version"] = f"sdcog {__version__}"
     return format_infotext(request.prompt, request.negative_prompt, fields)
@@ -172,11 +177,12 @@ def write_outputs(
     directory: Path,
     safety: Sequence[str] | None = None,
     loras: Sequence[AppliedLora] = (),
+    embeddings: Sequence[AppliedEmbedding] = (),
 ) -> list[Path]:
     """Encode each image of `request` into `directory` with its own parameters embedded.
 
     `safety` holds the safety checker's verdict per image (None: the model has no checker);
-    `loras` the LoRAs applied.
+    `loras` the LoRAs applied, `embeddings` the embeddings used.
     """
     directory.mkdir(parents=True, exist_ok=True)
     verdicts = list(safety) if safety is not None else [None] * len(images)
@@ -187,7 +193,9 @@ def write_outputs(
             output_path(directory, index, request.output_format),
             request.output_format,
             request.output_quality,
-            generation_infotext(request, request.seeds[index], model_name, verdicts[index], loras),
+            generation_infotext(
+                request, request.seeds[index], model_name, verdicts[index], loras, embeddings
+            ),
         )
 
     if len(images) != len(request.seeds) or len(verdicts) != len(images):

@@ -17,11 +17,11 @@ AUTOMATIC1111. Nothing is dropped up to `MAX_PROMPT_TOKENS`; a longer prompt is 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from compel import Compel, ReturnedEmbeddingsType
-from compel.diffusers_textual_inversion_manager import DiffusersTextualInversionManager
 from compel.prompt_parser import FlattenedPrompt
 from compel.prompt_parser import Fragment as CompelFragment
 from diffusers import DiffusionPipeline
@@ -49,19 +49,24 @@ class ParsedPrompt:
         return self.tokens > WINDOW_TOKENS or is_weighted(self.fragments)
 
 
+def text_encoders(pipeline: DiffusionPipeline) -> list[tuple]:
+    """The pipeline's (tokenizer, text encoder) pairs: one for SD 1.x/2.x, two for SDXL."""
+    return [
+        (tokenizer, encoder)
+        for tokenizer, encoder in (
+            (getattr(pipeline, "tokenizer", None), getattr(pipeline, "text_encoder", None)),
+            (getattr(pipeline, "tokenizer_2", None), getattr(pipeline, "text_encoder_2", None)),
+        )
+        if tokenizer is not None and encoder is not None
+    ]
+
+
 class PromptEncoder:
     """Turns a prompt and a negative prompt into the pipeline's text arguments."""
 
     def __init__(self, pipeline: DiffusionPipeline):
         self.pipeline = pipeline
-        encoders = [
-            (tokenizer, encoder)
-            for tokenizer, encoder in (
-                (getattr(pipeline, "tokenizer", None), getattr(pipeline, "text_encoder", None)),
-                (getattr(pipeline, "tokenizer_2", None), getattr(pipeline, "text_encoder_2", None)),
-            )
-            if tokenizer is not None and encoder is not None
-        ]
+        encoders = text_encoders(pipeline)
         self.tokenizers = [tokenizer for tokenizer, _ in encoders]
         self.is_xl = hasattr(pipeline, "text_encoder_2")
         # SDXL: the penultimate layer's states, not normalised, as diffusers uses them; SD 1.x/2.x:
@@ -71,12 +76,10 @@ class PromptEncoder:
             if self.is_xl
             else ReturnedEmbeddingsType.LAST_HIDDEN_STATES_NORMALIZED
         )
-        manager = DiffusersTextualInversionManager(pipeline)
         self.compels = [
             Compel(
                 tokenizer=tokenizer,
                 text_encoder=encoder,
-                textual_inversion_manager=manager,
                 dtype_for_device_getter=lambda _device, encoder=encoder: encoder.dtype,
                 truncate_long_prompts=False,
                 returned_embeddings_type=returned,
@@ -85,12 +88,15 @@ class PromptEncoder:
             for index, (tokenizer, encoder) in enumerate(encoders)
         ]
 
-    def parse(self, field: str, prompt: str) -> ParsedPrompt:
+    def parse(self, field: str, prompt: str, expand: Callable[[str], str] | None = None) -> ParsedPrompt:
+        """`prompt` without its attention syntax, counted; `expand` rewrites each fragment's text (the
+        request's embeddings' words into their tokens)."""
         fragments = parse_weighted_prompt(prompt)
+        if expand is not None:
+            fragments = [Fragment(expand(fragment.text), fragment.weight) for fragment in fragments]
         text = plain_text(fragments)
-        converted = self.pipeline.maybe_convert_prompt(text, self.tokenizers[0])  # multi-vector embeddings
         tokens = max(
-            len(tokenizer(converted, add_special_tokens=False, verbose=False).input_ids)
+            len(tokenizer(text, add_special_tokens=False, verbose=False).input_ids)
             for tokenizer in self.tokenizers
         )
         if tokens > MAX_PROMPT_TOKENS:
@@ -101,11 +107,14 @@ class PromptEncoder:
             )
         return ParsedPrompt(field, text, fragments, tokens)
 
-    def arguments(self, prompt: str, negative_prompt: str) -> dict[str, object]:
+    def arguments(
+        self, prompt: str, negative_prompt: str, expand: Callable[[str], str] | None = None
+    ) -> dict[str, object]:
         """`prompt`/`negative_prompt` for the pipeline when both fit one window without weights,
-        else their embeddings (`prompt_embeds`, `negative_prompt_embeds`, and SDXL's pooled ones)."""
-        positive = self.parse("prompt", prompt)
-        negative = self.parse("negative_prompt", negative_prompt)
+        else their embeddings (`prompt_embeds`, `negative_prompt_embeds`, and SDXL's pooled ones).
+        `expand`: see `parse`."""
+        positive = self.parse("prompt", prompt, expand)
+        negative = self.parse("negative_prompt", negative_prompt, expand)
         if not (positive.needs_windows or negative.needs_windows):
             return dict(prompt=positive.text, negative_prompt=negative.text or None)
         embeds, pooled = self._encode(positive)

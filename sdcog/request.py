@@ -36,6 +36,7 @@ QUALITY_MIN, QUALITY_MAX, DEFAULT_QUALITY = 1, 100, 90
 STRENGTH_MIN, STRENGTH_MAX, DEFAULT_STRENGTH = 0.0, 1.0, 0.8
 OUTPAINT_MIN, OUTPAINT_MAX = 0, 1024
 MAX_LORAS = 4
+MAX_EMBEDDINGS = 8
 LORA_SCALE_MIN, LORA_SCALE_MAX, DEFAULT_LORA_SCALE = -4.0, 4.0, 1.0
 OUTPAINT_FIELDS = ("outpaint_left", "outpaint_top", "outpaint_right", "outpaint_bottom")
 
@@ -55,6 +56,18 @@ class ModelLimits:
 class LoraRequest:
     reference: AdapterReference
     scale: float = DEFAULT_LORA_SCALE
+
+
+@dataclass(frozen=True)
+class EmbeddingRequest:
+    reference: AdapterReference
+    token: str | None = None
+    """The word that stands for the embedding in prompts; None: the file's own name for it."""
+
+
+EMBEDDING_TOKEN = re.compile(r"[^\s,=:/()\[\]\\]{1,64}")
+"""An embedding's word: no spaces, commas or prompt syntax ( ) [ ] : \\, at most 64 characters."""
+_TOKEN_PREFIX = re.compile(rf"^(?P<token>{EMBEDDING_TOKEN.pattern})=(?P<reference>.+)$")
 
 
 @dataclass(frozen=True)
@@ -82,6 +95,7 @@ class GenerationRequest:
     disable_safety_checker: bool = False
     """Skip the model's safety checker (models without one are never checked)."""
     loras: tuple[LoraRequest, ...] = ()
+    embeddings: tuple[EmbeddingRequest, ...] = ()
 
     @property
     def seeds(self) -> list[int]:
@@ -153,6 +167,7 @@ def resolve_request(
     disable_safety_checker: bool = False,
     lora_weights: str | None = None,
     lora_scales: str | None = None,
+    embeddings: str | None = None,
 ) -> GenerationRequest:
     """Check every input and fill every default; raises InputError on the first broken rule.
 
@@ -222,12 +237,31 @@ def resolve_request(
         outpaint=outpaint,
         disable_safety_checker=disable_safety_checker,
         loras=_resolve_loras(lora_weights, lora_scales),
+        embeddings=_resolve_embeddings(embeddings),
     )
 
 
 def _split_list(value: str) -> list[str]:
     """Items separated by commas, spaces or newlines (a data URI keeps the comma after its header)."""
-    return re.findall(r"data:[^,\s]*,[^,\s]*|[^,\s]+", value)
+    return re.findall(r"(?:[^,\s=]+=)?data:[^,\s]*,[^,\s]*|[^,\s]+", value)
+
+
+def _resolve_embeddings(embeddings: str | None) -> tuple[EmbeddingRequest, ...]:
+    """The embedding references, each optionally after `<token>=`."""
+    if embeddings is None:
+        return ()
+    _require_type("embeddings", embeddings, (str,), "a string")
+    resolved = []
+    for item in _split_list(embeddings):
+        named = _TOKEN_PREFIX.match(item)
+        token, text = (named["token"], named["reference"]) if named else (None, item)
+        resolved.append(EmbeddingRequest(parse_reference("embeddings", text), token))
+    if len(resolved) > MAX_EMBEDDINGS:
+        raise InputError("embeddings", f"names {len(resolved)} embeddings; the limit is {MAX_EMBEDDINGS}")
+    tokens = [embedding.token.lower() for embedding in resolved if embedding.token]
+    if duplicated := sorted({token for token in tokens if tokens.count(token) > 1}):
+        raise InputError("embeddings", f"gives the token {duplicated[0]!r} to two embeddings")
+    return tuple(resolved)
 
 
 def _resolve_loras(lora_weights: str | None, lora_scales: str | None) -> tuple[LoraRequest, ...]:

@@ -97,9 +97,9 @@ def cheapen(inputs: dict[str, Any]) -> dict[str, Any]:
       30 steps at the tiny model's native 128x128, costs ~0.7 s a request);
     - outpaint_*: an integer in 1..1024 becomes 1..16 (0 stays 0), unless left+right or top+bottom
       is over 1984 (the canvas is then over 2048 pixels whatever the image: refused before work);
-    - image/mask, and each URL of lora_weights: an http(s) URL gets host 127.0.0.1 port 1, so the
-      server never fetches from the network (it refuses loopback hosts, naming the field; with
-      SDCOG_ALLOW_LOCAL_URLS=1 the connection is refused, naming the field too).
+    - image/mask, and each URL of lora_weights and embeddings: an http(s) URL gets host 127.0.0.1
+      port 1, so the server never fetches from the network (it refuses loopback hosts, naming the
+      field; with SDCOG_ALLOW_LOCAL_URLS=1 the connection is refused, naming the field too).
     num_outputs (1..4) is kept: at these sizes a batch of 4 costs little more than 1.
     """
     cheap = dict(inputs)
@@ -133,10 +133,19 @@ def cheapen(inputs: dict[str, Any]) -> dict[str, Any]:
     for name in FILE_FIELDS:
         if isinstance(cheap.get(name), str):
             cheap[name] = _offline_url(cheap[name])
-    if isinstance(cheap.get(LORA_WEIGHTS), str):  # each reference offline; hub ids: fuzz_server's env
-        references = cheap[LORA_WEIGHTS].replace(",", " ").split()
-        cheap[LORA_WEIGHTS] = " ".join(_offline_url(item) for item in references) or cheap[LORA_WEIGHTS]
+    for name in (LORA_WEIGHTS, EMBEDDINGS):  # each reference offline; hub ids: fuzz_server's env
+        if isinstance(cheap.get(name), str):
+            references = cheap[name].replace(",", " ").split()
+            cheap[name] = " ".join(_offline_reference(item) for item in references) or cheap[name]
     return cheap
+
+
+def _offline_reference(item: str) -> str:
+    """An adapter reference, or an embedding's `word=reference`, pointed away from the network."""
+    word, equals, reference = item.partition("=")
+    if equals and "://" not in word:
+        return f"{word}={_offline_url(reference)}"
+    return _offline_url(item)
 
 
 def _offline_url(value: str) -> str:
@@ -232,9 +241,10 @@ PROMPTS = (
 """Valid prompts: up to 600 tokens (long ones are encoded in 75-token windows), weighted or not."""
 TOO_LONG_PROMPT = "a red circle on a blue background " * 150
 PROMPT_FIELDS = ("prompt", "negative_prompt")
-LORA_WEIGHTS, LORA_SCALES = "lora_weights", "lora_scales"
+LORA_WEIGHTS, LORA_SCALES, EMBEDDINGS = "lora_weights", "lora_scales", "embeddings"
 NO_LORAS = st.sampled_from(["", " ", ",", " , \n"])
-"""The only valid LoRA inputs offline: none (a real LoRA is tested in tests/test_loras.py)."""
+"""The only valid LoRA (or embedding) inputs offline: none (real ones are tested in tests/test_loras.py
+and tests/test_embeddings.py)."""
 BAD_LORA_REFERENCES = st.sampled_from(
     [
         "a-lora",
@@ -249,6 +259,16 @@ BAD_LORA_REFERENCES = st.sampled_from(
         "a/b c/d e/f g/h i/j",
     ]
 ) | st.text(max_size=20).filter(lambda text: text.replace(",", " ").split())
+BAD_EMBEDDINGS = BAD_LORA_REFERENCES | st.sampled_from(
+    [
+        "word=a-lora",
+        "(word)=owner/model",
+        "a=owner/x A=owner/y",
+        f"w=https://{LOOPBACK_CLOSED_PORT}/x.safetensors",
+        "w=data:;base64,AAAAAAAAAAA=",
+        " ".join(f"w{index}=owner/x" for index in range(9)),
+    ]
+)
 LONE_SURROGATE = st.builds(
     lambda text, char: text + char, st.text(max_size=10), st.sampled_from(["\ud800", "\udfff"])
 )
@@ -366,6 +386,8 @@ def invalid_value(name: str, prop: dict[str, Any]) -> st.SearchStrategy[Any]:
         options.append(st.just(TOO_LONG_PROMPT))
     if name == LORA_WEIGHTS:
         options.append(BAD_LORA_REFERENCES)
+    if name == EMBEDDINGS:
+        options.append(BAD_EMBEDDINGS)
     if name == LORA_SCALES:  # refused when lora_weights names no LoRA, as in a valid input
         options.append(st.sampled_from(["1", "strong", "9", "-5", "1, 2, 3, 4, 5", "nan"]))
     return st.one_of(options)
@@ -386,7 +408,7 @@ def valid_value(name: str, prop: dict[str, Any]) -> st.SearchStrategy[Any]:
         return st.booleans()
     if name in PROMPT_FIELDS:
         return PROMPTS
-    if name in (LORA_WEIGHTS, LORA_SCALES):
+    if name in (LORA_WEIGHTS, LORA_SCALES, EMBEDDINGS):
         return NO_LORAS
     if json_type == "string":
         return TEXT

@@ -4,6 +4,7 @@ with no state left for the next one, in kohya and diffusers formats, on SD 1.5 a
 import base64
 import hashlib
 import io
+import json
 import pickle
 import tarfile
 import tempfile
@@ -14,6 +15,7 @@ import psutil
 import pytest
 import torch
 from lora_files import StaticServer, make_lora
+from safetensors.torch import save
 
 from sdcog import adapter_references
 from sdcog.acceleration import optimize_modules
@@ -44,7 +46,10 @@ def lora_files(tiny_sd15, tiny_sdxl, tmp_path_factory):
         files[f"/soak-{seed}.safetensors"] = make_lora(
             tiny_sd15, root / f"soak-{seed}.safetensors", seed=seed
         )
-    return {path: file.read_bytes() for path, file in files.items()}
+    served = {path: file.read_bytes() for path, file in files.items()}
+    width = json.loads((tiny_sd15 / "text_encoder" / "config.json").read_text())["hidden_size"]
+    served["/EasyNegative.safetensors"] = save({"emb_params": torch.randn(2, width)})  # an embedding
+    return served
 
 
 @pytest.fixture(scope="module")
@@ -274,7 +279,7 @@ def test_loras_do_not_change_the_shared_weights(sd15, cache, server):
     assert all(torch.equal(tensor, after[name]) for name, tensor in before.items())
 
 
-def test_through_the_http_server_a_lora_is_fetched_once_and_named_in_the_metadata(
+def test_through_the_http_server_loras_and_embeddings_are_fetched_once_and_named_in_the_metadata(
     tiny_sd15, server, lora_files, tmp_path
 ):
     env = {
@@ -288,18 +293,28 @@ def test_through_the_http_server_a_lora_is_fetched_once_and_named_in_the_metadat
     with running_server(PROJECT_ROOT, env=env) as http:
         before = server.count("/style.safetensors")
         outputs = []
-        for lora in (url, url, None):
+        embedding = {
+            "embeddings": f"{server.url}/EasyNegative.safetensors",
+            "negative_prompt": "easynegative",
+        }
+        for lora, extra in ((url, {}), (url, embedding), (None, {})):
             loras = {"lora_weights": lora, "lora_scales": "0.7"} if lora else {}
-            sent = {**inputs, "output_format": "png", **loras}
+            sent = {**inputs, "output_format": "png", **loras, **extra}
             body = http.predict(sent).json()
             assert body["status"] == "succeeded", body.get("error")
             data = base64.b64decode(body["output"][0].split(",", 1)[1])
             (tmp_path / "out.png").write_bytes(data)
             outputs.append(parse_infotext_fields(read_infotext(tmp_path / "out.png")))
         refused = http.predict({**inputs, "lora_weights": f"{server.url}/model.ckpt"}).json()
+        not_an_embedding = http.predict({**inputs, "embeddings": f"w={server.url}/other.safetensors"}).json()
     assert server.count("/style.safetensors") == before + 1
     style_hash = tensor_data_hash_of(lora_files["/style.safetensors"])
     assert outputs[0]["Lora hashes"] == outputs[1]["Lora hashes"] == f"style: {style_hash}"
     assert outputs[0]["Lora scales"] == "style: 0.7" and "Lora hashes" not in outputs[2]
     assert refused["status"] == "failed" and "lora_weights" in refused["error"]
     assert "not a safetensors file" in refused["error"]
+    embedding_hash = hashlib.sha256(lora_files["/EasyNegative.safetensors"]).hexdigest()[:12]
+    assert outputs[1]["TI hashes"] == f"EasyNegative: {embedding_hash}"
+    assert "TI hashes" not in outputs[0] and "TI hashes" not in outputs[2]
+    assert not_an_embedding["status"] == "failed" and "embeddings" in not_an_embedding["error"]
+    assert "is it a LoRA" in not_an_embedding["error"]

@@ -184,3 +184,26 @@ def test_lora_weights_and_scales_pair_up_and_bad_ones_name_their_field():
         with pytest.raises(InputError, match=message) as error:
             resolve_request(limits, prompt="x", **inputs)
         assert error.value.field == field
+
+
+def test_embeddings_take_an_optional_word_and_bad_ones_name_the_field():
+    limits = ModelLimits(SD1, 512, 512)
+    text = "easyneg=https://x.org/e.safetensors?a=b, https://x.org/bad-hands-5.safetensors\nTOK=owner/model"
+    request = resolve_request(limits, prompt="x", embeddings=text + " w=data:;base64,AA==")
+    assert [(e.token, e.reference.kind, e.reference.name) for e in request.embeddings] == [
+        ("easyneg", "url", "e"),
+        (None, "url", "bad-hands-5"),
+        ("TOK", "replicate", "model"),
+        ("w", "data", "inline"),
+    ]
+    assert request.embeddings[0].reference.location == "https://x.org/e.safetensors?a=b"
+    assert resolve_request(limits, prompt="x", embeddings=" , ").embeddings == ()
+    for embeddings, message in [
+        ("a=x/y, A=x/z", "gives the token 'a' to two embeddings"),
+        (" ".join(f"w{index}=x/y" for index in range(9)), "the limit is 8"),
+        ("(w)=x/y", "is not a reference this model reads"),
+        ("w=ftp://x.org/a.safetensors", "is not a reference"),
+    ]:
+        with pytest.raises(InputError, match=message) as error:
+            resolve_request(limits, prompt="x", embeddings=embeddings)
+        assert error.value.field == "embeddings"
