@@ -8,9 +8,9 @@ the rules `sdcog.request` enforces.
 import logging
 import sys
 
-from cog import BasePredictor, Input, Path
+from cog import BasePredictor, Input, Path, Secret
 
-from sdcog.adapter_cache import AdapterCache
+from sdcog.adapter_cache import AdapterCache, adapter_tokens
 from sdcog.cancellation import run_cancellable
 from sdcog.engine import Engine
 from sdcog.heap import HeapTrimmer
@@ -148,6 +148,14 @@ class Predictor(BasePredictor):
             description="Textual-inversion embeddings (up to 8), separated by commas or spaces, each a reference as in lora_weights, optionally as word=<reference>. Write the word in prompt or negative_prompt to use it; it defaults to the file's name (easynegative.safetensors: easynegative). .safetensors in AUTOMATIC1111, diffusers or SDXL (clip_l/clip_g) format.",  # noqa: E501
             default=None,
         ),
+        hf_api_token: Secret | None = Input(
+            description="Hugging Face token for private or gated LoRA and embedding repositories; sent to Hugging Face only, never logged. Default: the server's HF_TOKEN.",  # noqa: E501
+            default=None,
+        ),
+        replicate_api_token: Secret | None = Input(
+            description="Replicate API token for the weights of private Replicate models in lora_weights or embeddings; sent to Replicate only, never logged. Default: the server's REPLICATE_API_TOKEN.",  # noqa: E501
+            default=None,
+        ),
     ) -> list[Path]:
         try:
             request = resolve_request(
@@ -174,9 +182,10 @@ class Predictor(BasePredictor):
             )
             for index, image_seed in enumerate(request.seeds):
                 log.info("image %d: seed %d", index, image_seed)
-            loras = self.adapters.fetch_loras(request.loras)
+            tokens = adapter_tokens(_secret(hf_api_token), _secret(replicate_api_token))
+            loras = self.adapters.fetch_loras(request.loras, tokens)
             embeddings = self.adapters.fetch_embeddings(
-                request.embeddings, keep=frozenset(file.sha256 for file, _ in loras)
+                request.embeddings, tokens, keep=frozenset(file.sha256 for file, _ in loras)
             )
             # In a worker thread, so that a cancel stops it between two denoising steps.
             generation = run_cancellable(
@@ -195,3 +204,8 @@ class Predictor(BasePredictor):
         finally:
             # glibc keeps what this prediction freed; give it back once the answer is on its way.
             self.heap.trim_in_background()
+
+
+def _secret(value: Secret | str | None) -> str | None:
+    """A Secret input's text (the server gives a Secret; a direct caller may pass a string)."""
+    return value.get_secret_value() if isinstance(value, Secret) else value

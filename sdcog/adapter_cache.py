@@ -48,6 +48,16 @@ _SUFFIX = ".safetensors"
 _MAX_HEADER = 100_000_000  # safetensors' own limit on its JSON header
 
 
+def adapter_tokens(
+    huggingface: str | None = None, replicate: str | None = None, environ: Mapping[str, str] = os.environ
+) -> dict[str, str]:
+    """The token for each kind of reference: the request's own (a `cog.Secret` input), else the
+    server's environment's (HF_TOKEN for Hugging Face, REPLICATE_API_TOKEN for Replicate)."""
+    given = {"huggingface": huggingface, "replicate": replicate}
+    tokens = {kind: given[kind] or environ.get(name) for kind, name in TOKEN_ENVS.items()}
+    return {kind: token for kind, token in tokens.items() if token}
+
+
 @dataclass(frozen=True)
 class AdapterFile:
     path: Path
@@ -78,35 +88,35 @@ class AdapterCache:
         )
 
     def fetch_loras(
-        self, loras: Sequence[LoraRequest], environ: Mapping[str, str] = os.environ
+        self, loras: Sequence[LoraRequest], tokens: Mapping[str, str] | None = None
     ) -> list[tuple[AdapterFile, float]]:
         """Each LoRA's file (fetched or from the disk) with its scale."""
-        files = self.fetch_all(LORA, [lora.reference for lora in loras], environ)
+        files = self.fetch_all(LORA, [lora.reference for lora in loras], tokens)
         return [(file, lora.scale) for file, lora in zip(files, loras, strict=True)]
 
     def fetch_embeddings(
         self,
         embeddings: Sequence[EmbeddingRequest],
-        environ: Mapping[str, str] = os.environ,
+        tokens: Mapping[str, str] | None = None,
         keep: frozenset[str] = frozenset(),
     ) -> list[tuple[AdapterFile, str | None]]:
-        """Each embedding's file with the token the request gave it (None: the file's own)."""
-        files = self.fetch_all(EMBEDDING, [embedding.reference for embedding in embeddings], environ, keep)
+        """Each embedding's file with the word the request gave it (None: the file's own)."""
+        files = self.fetch_all(EMBEDDING, [embedding.reference for embedding in embeddings], tokens, keep)
         return [(file, embedding.token) for file, embedding in zip(files, embeddings, strict=True)]
 
     def fetch_all(
         self,
         kind: AdapterKind,
         references: Sequence[AdapterReference],
-        environ: Mapping[str, str] = os.environ,
+        tokens: Mapping[str, str] | None = None,
         keep: frozenset[str] = frozenset(),
     ) -> list[AdapterFile]:
-        """The references' files, none evicted by another's arrival (nor those in `keep`). Tokens
-        come from the server's environment, for their own hosts only: HF_TOKEN for Hugging Face,
-        REPLICATE_API_TOKEN for Replicate."""
+        """The references' files, none evicted by another's arrival (nor those in `keep`). `tokens`
+        (see `adapter_tokens`, its default) go to their own hosts only."""
+        tokens = adapter_tokens() if tokens is None else tokens
         files: list[AdapterFile] = []
         for reference in references:
-            token = environ.get(TOKEN_ENVS.get(reference.kind, "")) or None
+            token = tokens.get(reference.kind)
             files.append(self.fetch(kind, reference, token, keep | {file.sha256 for file in files}))
         return files
 

@@ -19,7 +19,7 @@ from safetensors.torch import save
 
 from sdcog import adapter_references
 from sdcog.acceleration import optimize_modules
-from sdcog.adapter_cache import AdapterCache
+from sdcog.adapter_cache import AdapterCache, adapter_tokens
 from sdcog.cog_schema import write_schema
 from sdcog.cog_server import running_server
 from sdcog.engine import Engine
@@ -165,14 +165,20 @@ def test_a_replicate_model_reference_reads_the_lora_out_of_its_weights_tar(sd15,
     assert generation.loras[0].name == "style-model"
 
 
-def test_tokens_go_to_their_own_host_only(cache, server, monkeypatch):
+def test_tokens_go_to_their_own_host_only(cache, server, monkeypatch, tmp_path):
     monkeypatch.setenv(adapter_references.REPLICATE_ENDPOINT_ENV, server.url)
     request = resolve_request(limits_for_sd15(), prompt="x", lora_weights="owner/style-model")
-    cache.fetch_loras(request.loras, environ={"REPLICATE_API_TOKEN": "r8_secret", "HF_TOKEN": "hf_secret"})
+    server_tokens = {"REPLICATE_API_TOKEN": "r8_secret", "HF_TOKEN": "hf_secret"}
+    cache.fetch_loras(request.loras, adapter_tokens(environ=server_tokens))
     headers = [headers for path, headers in server.requests if path == "/owner/style-model/_weights"][-1]
     assert headers.get("Authorization") == "Bearer r8_secret"
+    # A request's own token comes first (a fresh cache, so that the file is fetched again).
+    fresh = AdapterCache(tmp_path / "fresh", max_bytes=10**9, max_file_bytes=10**8)
+    fresh.fetch_loras(request.loras, adapter_tokens(replicate="r8_request", environ=server_tokens))
+    headers = [headers for path, headers in server.requests if path == "/owner/style-model/_weights"][-1]
+    assert headers.get("Authorization") == "Bearer r8_request"
     request = resolve_request(limits_for_sd15(), prompt="x", lora_weights=f"{server.url}/other.safetensors")
-    cache.fetch_loras(request.loras, environ={"REPLICATE_API_TOKEN": "r8_secret", "HF_TOKEN": "hf_secret"})
+    cache.fetch_loras(request.loras, adapter_tokens(huggingface="hf_request", environ=server_tokens))
     headers = [headers for path, headers in server.requests if path == "/other.safetensors"][-1]
     assert "Authorization" not in headers
 
@@ -286,6 +292,7 @@ def test_through_the_http_server_loras_and_embeddings_are_fetched_once_and_named
         "MODEL_WEIGHTS": str(tiny_sd15),
         "SDCOG_ALLOW_LOCAL_URLS": "1",
         "SDCOG_ADAPTER_CACHE": str(tmp_path / "adapters"),
+        adapter_references.REPLICATE_ENDPOINT_ENV: server.url,
     }
     write_schema(PROJECT_ROOT / ".cog" / "openapi_schema.json")
     inputs = {"prompt": "a red circle", "width": 64, "height": 64, "num_inference_steps": 3, "seed": 2}
@@ -307,6 +314,10 @@ def test_through_the_http_server_loras_and_embeddings_are_fetched_once_and_named
             outputs.append(parse_infotext_fields(read_infotext(tmp_path / "out.png")))
         refused = http.predict({**inputs, "lora_weights": f"{server.url}/model.ckpt"}).json()
         not_an_embedding = http.predict({**inputs, "embeddings": f"w={server.url}/other.safetensors"}).json()
+        secret = "r8_request_secret"
+        with_token = http.predict(
+            {**inputs, "lora_weights": "owner/style-model", "replicate_api_token": secret}
+        ).json()
     assert server.count("/style.safetensors") == before + 1
     style_hash = tensor_data_hash_of(lora_files["/style.safetensors"])
     assert outputs[0]["Lora hashes"] == outputs[1]["Lora hashes"] == f"style: {style_hash}"
@@ -318,3 +329,7 @@ def test_through_the_http_server_loras_and_embeddings_are_fetched_once_and_named
     assert "TI hashes" not in outputs[0] and "TI hashes" not in outputs[2]
     assert not_an_embedding["status"] == "failed" and "embeddings" in not_an_embedding["error"]
     assert "is it a LoRA" in not_an_embedding["error"]
+    assert with_token["status"] == "succeeded", with_token.get("error")
+    headers = [headers for path, headers in server.requests if path == "/owner/style-model/_weights"][-1]
+    assert headers.get("Authorization") == f"Bearer {secret}"
+    assert secret not in json.dumps(with_token)  # not in the logs, nor in the echoed input

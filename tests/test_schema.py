@@ -6,7 +6,7 @@ import textwrap
 import typing
 
 import pytest
-from cog import Path
+from cog import Path, Secret
 from cog.input import FieldInfo
 
 import predict
@@ -55,9 +55,14 @@ def test_schema_follows_the_signature(schema):
             assert components[parameter.name]["enum"] == field.choices
         else:
             base = typing.get_args(hint)[0] if optional else hint
-            expected_type = {str: "string", int: "integer", float: "number", bool: "boolean", Path: "string"}[
-                base
-            ]
+            expected_type = {
+                str: "string",
+                int: "integer",
+                float: "number",
+                bool: "boolean",
+                Path: "string",
+                Secret: "string",
+            }[base]
             assert prop["type"] == expected_type, parameter.name
     assert schema["components"]["schemas"]["Input"].get("required", []) == []
     assert components["Output"] == {
