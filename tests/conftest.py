@@ -25,6 +25,20 @@ def tiny_sdxl(tiny_pipelines) -> Path:
     return tiny_pipelines["tiny-sdxl"]
 
 
+@pytest.fixture(scope="module")
+def sd15(tiny_sd15):
+    """The tiny SD 1.5 engine, one per test module (LoRAs a module loads stay in its own engine)."""
+    from sdcog.engine import Engine
+
+    return Engine.load(tiny_sd15)
+
+
+@pytest.fixture
+def local_urls(monkeypatch):
+    """Let the server fetch from 127.0.0.1, where the tests serve their files."""
+    monkeypatch.setenv("SDCOG_ALLOW_LOCAL_URLS", "1")
+
+
 _ORACLE_FIGURES: dict = {}
 
 

@@ -26,14 +26,7 @@ from sdcog.request import resolve_request
 PROMPT = "a red circle on a blue background"
 
 
-@pytest.fixture(autouse=True)
-def local_urls(monkeypatch):
-    monkeypatch.setenv("SDCOG_ALLOW_LOCAL_URLS", "1")
-
-
-@pytest.fixture(scope="module")
-def sd15(tiny_sd15):
-    return Engine.load(tiny_sd15)
+pytestmark = pytest.mark.usefixtures("local_urls")
 
 
 @pytest.fixture(scope="module")

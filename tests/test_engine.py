@@ -10,11 +10,6 @@ from sdcog.schedulers import SCHEDULER_NAMES
 
 
 @pytest.fixture(scope="module")
-def sd15(tiny_sd15):
-    return Engine.load(tiny_sd15)
-
-
-@pytest.fixture(scope="module")
 def sdxl(tiny_sdxl):
     return Engine.load(tiny_sdxl)
 

@@ -30,6 +30,8 @@ from sdcog.outputs import generation_infotext, parse_infotext_fields, read_infot
 from sdcog.request import ModelLimits, resolve_request
 from sdcog.weights import PROJECT_ROOT
 
+pytestmark = pytest.mark.usefixtures("local_urls")
+
 
 @pytest.fixture(scope="module")
 def lora_files(tiny_sd15, tiny_sdxl, tmp_path_factory):
@@ -71,16 +73,6 @@ def server(lora_files):
     served = StaticServer(files)
     yield served
     served.close()
-
-
-@pytest.fixture(autouse=True)
-def local_urls(monkeypatch):
-    monkeypatch.setenv("SDCOG_ALLOW_LOCAL_URLS", "1")
-
-
-@pytest.fixture(scope="module")
-def sd15(tiny_sd15):
-    return Engine.load(tiny_sd15)
 
 
 @pytest.fixture
