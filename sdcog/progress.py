@@ -1,13 +1,15 @@
 """Denoising progress as log lines a client can turn into a progress bar.
 
-Each line has tqdm's layout, which Replicate's web UI and its clients already parse from the
-`logs` of a prediction (for example replicate-javascript's `parseProgressFromLogs`):
+Each line has tqdm's layout with nothing before the percentage, which is what Replicate's web
+UI and its clients parse from the `logs` of a prediction (replicate-python's
+`Prediction.progress`, replicate-javascript's `parseProgressFromLogs` and the Go and Rust
+clients all match `^\\s*(\\d+)%\\s*\\|.+?\\|\\s*(\\d+)/(\\d+)`, anchored at the start of a line):
 
-    denoising  40%|████      | 12/30 [00:01<00:02, 9.52it/s]
+     40%|████      | 12/30 [00:01<00:02, 9.52it/s]
 
-A regex for it: `(\\d+)%\\|[^|]*\\| (\\d+)/(\\d+)`. Lines are throttled: the first and the last step are
-always logged, others at most every `interval` seconds, so a fast GPU does not flood the logs (or
-the `logs` webhook) and a slow CPU still shows movement.
+Lines are throttled: the first and the last step are always logged, others at most every
+`interval` seconds, so a fast GPU does not flood the logs (or the `logs` webhook) and a slow CPU
+still shows movement.
 """
 
 from __future__ import annotations
@@ -27,18 +29,16 @@ def _clock(seconds: float) -> str:
     return f"{minutes:02d}:{seconds:02d}"
 
 
-def format_progress(label: str, done: int, total: int, elapsed: float) -> str:
-    """One tqdm-style line: `label  40%|████      | 12/30 [00:01<00:02, 9.52it/s]`."""
+def format_progress(done: int, total: int, elapsed: float) -> str:
+    """One tqdm-style line: ` 40%|████      | 12/30 [00:01<00:02, 9.52it/s]` (no label before the
+    percentage: the clients' pattern is anchored there)."""
     fraction = done / total if total else 1.0
     filled = int(fraction * BAR_WIDTH)
     bar = "█" * filled + " " * (BAR_WIDTH - filled)
     rate = done / elapsed if elapsed > 0 else 0.0
     remaining = (total - done) / rate if rate > 0 else 0.0
     speed = f"{rate:.2f}it/s" if rate >= 1 or rate == 0 else f"{1 / rate:.2f}s/it"
-    return (
-        f"{label} {int(fraction * 100):3d}%|{bar}| {done}/{total} "
-        f"[{_clock(elapsed)}<{_clock(remaining)}, {speed}]"
-    )
+    return f"{int(fraction * 100):3d}%|{bar}| {done}/{total} [{_clock(elapsed)}<{_clock(remaining)}, {speed}]"
 
 
 class StepProgress:
@@ -47,13 +47,11 @@ class StepProgress:
     def __init__(
         self,
         total: int,
-        label: str = "denoising",
         interval: float = DEFAULT_INTERVAL_SECONDS,
         clock: Callable[[], float] = time.perf_counter,
         emit: Callable[[str], None] = log.info,
     ):
         self.total = total
-        self.label = label
         self.interval = interval
         self.done = 0
         self._clock = clock
@@ -68,4 +66,4 @@ class StepProgress:
         due = self._last_logged is None or now - self._last_logged >= self.interval
         if due or self.done >= self.total:
             self._last_logged = now
-            self._emit(format_progress(self.label, self.done, self.total, now - self._started))
+            self._emit(format_progress(self.done, self.total, now - self._started))

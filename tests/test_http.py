@@ -2,6 +2,7 @@
 
 import base64
 import io
+import re
 
 import numpy as np
 import pytest
@@ -100,6 +101,15 @@ def test_png_parameters_chunk_holds_the_seed_and_the_seed_is_logged(sd15_server,
     assert parameters.splitlines()[:2] == ["a red circle on a blue background", "Negative prompt: green"]
     assert "Seed: 31337" in parameters and "Size: 64x64" in parameters and "Steps: 3" in parameters
     assert "image 0: seed 31337" in body["logs"]
+
+
+def test_the_logs_carry_progress_that_replicates_clients_parse(sd15_server):
+    body = succeed(sd15_server, num_inference_steps=3)
+    # replicate-python's Prediction.progress (and the JavaScript, Go and Rust clients): the last
+    # matching line of the logs.
+    pattern = re.compile(r"^\s*(?P<percentage>\d+)%\s*\|.+?\|\s*(?P<current>\d+)\/(?P<total>\d+)")
+    progress = [match.groups() for line in body["logs"].split("\n") if (match := pattern.match(line))]
+    assert progress and progress[-1] == ("100", "3", "3")
 
 
 def test_missing_seed_is_drawn_logged_and_embedded(sd15_server, tmp_path):

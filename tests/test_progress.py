@@ -1,21 +1,22 @@
-"""Progress lines: tqdm's layout (which Replicate's clients parse), throttled, first and last always."""
+"""Progress lines: tqdm's layout, as Replicate's clients parse it, throttled, first and last always."""
 
 import re
 
 from sdcog.progress import StepProgress, format_progress
 
-# What replicate-javascript's parseProgressFromLogs and Replicate's web UI look for.
-TQDM_LINE = re.compile(r"^\s*\S*\s*(\d+)%\s*\|.+?\|\s*(\d+)/(\d+)")
+# The pattern of replicate-python's Prediction.progress, replicate-javascript's parseProgressFromLogs
+# and the Go and Rust clients: anchored at the start of the line.
+TQDM_LINE = re.compile(r"^\s*(\d+)%\s*\|.+?\|\s*(\d+)\/(\d+)")
 
 
 def test_a_line_reads_like_tqdm_and_parses_back():
-    line = format_progress("denoising", 12, 30, 1.26)
-    assert line == "denoising  40%|████      | 12/30 [00:01<00:01, 9.52it/s]"
+    line = format_progress(12, 30, 1.26)
+    assert line == " 40%|████      | 12/30 [00:01<00:01, 9.52it/s]"
     assert TQDM_LINE.match(line).groups() == ("40", "12", "30")
 
 
 def test_slow_steps_are_shown_in_seconds_per_step():
-    assert format_progress("denoising", 1, 4, 3.0).endswith("[00:03<00:09, 3.00s/it]")
+    assert format_progress(1, 4, 3.0).endswith("[00:03<00:09, 3.00s/it]")
 
 
 class FakeClock:
@@ -51,4 +52,4 @@ def test_the_total_can_change_once_the_scheduler_knows_its_step_count():
     for _ in range(24):
         clock.now += 1
         progress.step()
-    assert lines[-1].startswith("denoising 100%|██████████| 24/24")
+    assert lines[-1].startswith("100%|██████████| 24/24")
