@@ -24,8 +24,6 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath
 from urllib.parse import unquote, urlsplit
 
-import httpx
-
 from sdcog.errors import InputError
 
 HF_ENDPOINT_ENV = "HF_ENDPOINT"
@@ -176,10 +174,12 @@ def _single_safetensors_file(
         raise InputError(
             field,
             f"cannot list the Hugging Face repository {reference.location} (HTTP {status}): check the "
-            "name, and for a private or gated repository set the server's HF_TOKEN",
+            "name, and for a private or gated repository send hf_api_token (or set the server's HF_TOKEN)",
         ) from error
-    except (OSError, httpx.HTTPError) as error:
-        raise InputError(field, f"cannot reach Hugging Face to list {reference.location}: {error}") from error
+    except Exception as error:  # huggingface_hub's HTTP client (httpx2) raises its own transport errors
+        raise InputError(
+            field, f"cannot reach Hugging Face to list {reference.location}: {type(error).__name__}: {error}"
+        ) from error
     candidates = [name for name in files if name.endswith(".safetensors")]
     if kind.hf_file in candidates:
         return kind.hf_file

@@ -6,8 +6,10 @@ import hashlib
 import io
 import json
 import pickle
+import socket
 import tarfile
 import tempfile
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -204,6 +206,30 @@ def test_private_addresses_are_refused_unless_the_operator_allows_them(cache, mo
     request = resolve_request(limits_for_sd15(), prompt="x", lora_weights="http://example.com/a.safetensors")
     with pytest.raises(InputError, match="https://"):
         cache.fetch_loras(request.loras)
+
+
+def test_a_hugging_face_listing_that_breaks_off_fails_naming_the_field(cache, monkeypatch):
+    """huggingface_hub's HTTP client raises its own errors, after 5 retries: a server that hangs up."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+
+    def hang_up():
+        while True:
+            try:
+                connection, _ = listener.accept()
+            except OSError:  # closed: the test is over
+                return
+            connection.close()
+
+    threading.Thread(target=hang_up, daemon=True).start()
+    monkeypatch.setattr("huggingface_hub.utils._http.time.sleep", lambda seconds: None)  # its backoff
+    monkeypatch.setenv(adapter_references.HF_ENDPOINT_ENV, f"http://127.0.0.1:{listener.getsockname()[1]}")
+    request = resolve_request(limits_for_sd15(), prompt="x", lora_weights="huggingface.co/owner/repo")
+    with pytest.raises(InputError, match="cannot reach Hugging Face to list owner/repo") as error:
+        cache.fetch_loras(request.loras)
+    assert error.value.field == "lora_weights"
+    listener.close()
 
 
 def test_lora_on_sdxl_changes_the_image_and_leaves_nothing_behind(tiny_sdxl, cache, server):
