@@ -293,6 +293,7 @@ def test_dockerignore_keeps_what_the_container_runs(dockerignore):
         "output/out-0.webp",
         ".exp/after.py",
         "release/published-schema.json",
+        "deploy/kubernetes.yaml",
     ],
 )
 def test_dockerignore_leaves_out_development_files(dockerignore, path):
