@@ -27,7 +27,6 @@ from urllib.parse import unquote, urlsplit
 from sdcog.errors import InputError
 
 HF_ENDPOINT_ENV = "HF_ENDPOINT"
-HF_TOKEN_ENV = "HF_TOKEN"
 DEFAULT_HF_ENDPOINT = "https://huggingface.co"
 REPLICATE_ENDPOINT_ENV = "SDCOG_REPLICATE_ENDPOINT"
 DEFAULT_REPLICATE_ENDPOINT = "https://replicate.com"

@@ -100,6 +100,21 @@ def _input_property(field: _adt.InputField) -> tuple[dict[str, Any], dict[str, A
     return prop, enum, required
 
 
+def input_properties(schema: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The Input properties of a schema, each input's choices (an `allOf` reference to a component)
+    resolved into its own `type` and `enum`."""
+    components = schema["components"]["schemas"]
+    properties = {}
+    for name, prop in components["Input"]["properties"].items():
+        prop = dict(prop)
+        for part in prop.pop("allOf", []):
+            target = components[part["$ref"].rsplit("/", 1)[-1]]
+            prop.setdefault("type", target.get("type"))
+            prop["enum"] = target.get("enum", [])
+        properties[name] = prop
+    return properties
+
+
 def build_schema(info: _adt.PredictorInfo, version: str = cog.__version__) -> dict[str, Any]:
     """The OpenAPI 3.0.2 document Cog writes for a predictor (prediction mode)."""
     properties: dict[str, Any] = {}

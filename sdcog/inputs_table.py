@@ -17,6 +17,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from sdcog.cog_schema import DEFAULT_REF, build_schema, input_properties, load_predictor_info
+
 START_MARKER = "<!-- inputs-table:start -->"
 END_MARKER = "<!-- inputs-table:end -->"
 COLUMNS = ("input", "type", "default", "range or choices", "description")
@@ -45,25 +47,13 @@ def _json_text(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value)
 
 
-def _enum(prop: dict[str, Any], components: dict[str, Any]) -> list[Any] | None:
+def _type(prop: dict[str, Any]) -> str:
     if "enum" in prop:
-        return prop["enum"]
-    for item in prop.get("allOf", []) + prop.get("anyOf", []):
-        ref = item.get("$ref", "")
-        if ref.startswith("#/components/schemas/"):
-            component = components.get(ref.rsplit("/", 1)[1], {})
-            if "enum" in component:
-                return component["enum"]
-    return None
-
-
-def _type(prop: dict[str, Any], components: dict[str, Any]) -> str:
-    if _enum(prop, components) is not None:
         return "choice"
     if prop.get("x-cog-secret"):
         return "secret"
     if prop.get("type") == "array":
-        return "list of " + _type(prop.get("items", {}), components)
+        return "list of " + _type(prop.get("items", {}))
     if prop.get("format") == "uri":
         return "file (URL or data URI)"
     return prop.get("type", "any")
@@ -77,8 +67,8 @@ def _default(name: str, prop: dict[str, Any], required: list[str]) -> str:
     return _code(_json_text(prop["default"]))
 
 
-def _range_or_choices(prop: dict[str, Any], components: dict[str, Any]) -> str:
-    choices = _enum(prop, components)
+def _range_or_choices(prop: dict[str, Any]) -> str:
+    choices = prop.get("enum")
     if choices is not None:
         return ", ".join(_code(_json_text(choice)) for choice in choices)
     low, high = prop.get("minimum"), prop.get("maximum")
@@ -94,19 +84,17 @@ def _range_or_choices(prop: dict[str, Any], components: dict[str, Any]) -> str:
 
 def inputs_table(schema: dict[str, Any]) -> str:
     """A Markdown table of the schema's inputs, in x-order, ending with a newline."""
-    components = schema["components"]["schemas"]
-    input_schema = components["Input"]
-    required = input_schema.get("required", [])
-    properties = input_schema.get("properties", {})
+    required = schema["components"]["schemas"]["Input"].get("required", [])
+    properties = input_properties(schema)
     names = sorted(properties, key=lambda name: properties[name].get("x-order", len(properties)))
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for name in names:
         prop = properties[name]
         cells = (
             _code(name),
-            _type(prop, components),
+            _type(prop),
             _default(name, prop, required),
-            _range_or_choices(prop, components),
+            _range_or_choices(prop),
             _cell(prop.get("description", "")),
         )
         lines.append("| " + " | ".join(cells) + " |")
@@ -145,8 +133,6 @@ def main(argv: list[str] | None = None) -> int:
         help=f"replace the table between {START_MARKER} and {END_MARKER}",
     )
     args = parser.parse_args(argv)
-    from sdcog.cog_schema import DEFAULT_REF, build_schema, load_predictor_info
-
     table = inputs_table(build_schema(load_predictor_info(args.ref or DEFAULT_REF)))
     if args.write is None:
         sys.stdout.write(table)

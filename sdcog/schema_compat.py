@@ -15,25 +15,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 from typing import Any
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+from sdcog.cog_schema import PROJECT_ROOT, build_schema, input_properties, load_predictor_info
+
 SNAPSHOT = PROJECT_ROOT / "release" / "published-schema.json"
-
-
-def input_properties(schema: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """The Input properties, each with its choices' component (`allOf` + `$ref`) resolved into `enum`."""
-    components = schema["components"]["schemas"]
-    properties = {}
-    for name, prop in components["Input"]["properties"].items():
-        prop = dict(prop)
-        for part in prop.pop("allOf", []):
-            target = components[part["$ref"].rsplit("/", 1)[-1]]
-            prop.setdefault("type", target.get("type"))
-            prop["enum"] = target.get("enum", [])
-        properties[name] = prop
-    return properties
 
 
 def _required(schema: dict[str, Any], name: str, prop: dict[str, Any]) -> bool:
@@ -75,9 +61,8 @@ def breaking_changes(published: dict[str, Any], current: dict[str, Any]) -> list
 
 
 def current_schema() -> dict[str, Any]:
-    from sdcog.cog_schema import build_schema, load_predictor_info
-
-    return build_schema(load_predictor_info("predict.py:Predictor"))
+    """The schema `cog build` would write for predict.py."""
+    return build_schema(load_predictor_info())
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -47,7 +47,7 @@ from PIL import Image
 from schemathesis import GenerationMode
 from schemathesis.core import NotSet
 
-from sdcog.cog_schema import write_schema
+from sdcog.cog_schema import input_properties, write_schema
 from sdcog.cog_server import READY, running_server
 from sdcog.families import SD1
 from sdcog.request import OUTPAINT_FIELDS
@@ -156,21 +156,6 @@ def _offline_url(value: str) -> str:
     if parts.scheme.lower() not in ("http", "https") or parts.hostname in (None, "127.0.0.1"):
         return value
     return urllib.parse.urlunsplit((parts.scheme, LOOPBACK_CLOSED_PORT, parts.path, "", ""))
-
-
-# -- the schema ------------------------------------------------------------------------------------
-
-
-def input_properties(document: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """The Input properties, each with its `allOf` enum reference resolved."""
-    schemas = document["components"]["schemas"]
-    properties = {}
-    for name, prop in schemas["Input"]["properties"].items():
-        resolved = {key: value for key, value in prop.items() if key != "allOf"}
-        for ref in prop.get("allOf", []):
-            resolved.update(schemas[ref["$ref"].rsplit("/", 1)[1]])
-        properties[name] = resolved
-    return properties
 
 
 # -- images ----------------------------------------------------------------------------------------

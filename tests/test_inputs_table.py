@@ -12,7 +12,7 @@ README = PROJECT_ROOT / "README.md"
 
 @pytest.fixture(scope="module")
 def schema():
-    return build_schema(load_predictor_info("predict.py:Predictor"))
+    return build_schema(load_predictor_info())
 
 
 def rows(table: str) -> list[list[str]]:

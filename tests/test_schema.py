@@ -17,7 +17,7 @@ from sdcog.schedulers import DEFAULT_SCHEDULER, SCHEDULER_NAMES
 
 @pytest.fixture(scope="module")
 def schema():
-    return build_schema(load_predictor_info("predict.py:Predictor"))
+    return build_schema(load_predictor_info())
 
 
 def input_properties(schema):
