@@ -183,13 +183,13 @@ class Predictor(BasePredictor):
             for index, image_seed in enumerate(request.seeds):
                 log.info("image %d: seed %d", index, image_seed)
             tokens = adapter_tokens(_secret(hf_api_token), _secret(replicate_api_token))
-            loras = self.adapters.fetch_loras(request.loras, tokens)
-            embeddings = self.adapters.fetch_embeddings(
-                request.embeddings, tokens, keep=frozenset(file.sha256 for file, _ in loras)
+            lora_files = self.adapters.fetch_loras(request.loras, tokens)
+            embedding_files = self.adapters.fetch_embeddings(
+                request.embeddings, tokens, keep=frozenset(file.sha256 for file, _ in lora_files)
             )
             # In a worker thread, so that a cancel stops it between two denoising steps.
             generation = run_cancellable(
-                lambda cancel: self.engine.generate(request, cancel, loras, embeddings)
+                lambda cancel: self.engine.generate(request, cancel, lora_files, embedding_files)
             )
             paths = write_outputs(
                 generation.images,

@@ -29,6 +29,7 @@ import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 from diffusers import DiffusionPipeline
@@ -71,30 +72,34 @@ class ActiveEmbeddings:
 
     replacements: dict[str, tuple[AppliedEmbedding, str]] = field(default_factory=dict)
     """By lowercased word: the embedding and its tokens, joined by spaces."""
-    used: dict[str, AppliedEmbedding] = field(default_factory=dict)
+    used: set[str] = field(default_factory=set)
+    """The lowercased words `expand` found."""
+
+    @cached_property
+    def _pattern(self) -> re.Pattern[str]:
+        words = sorted(self.replacements, key=len, reverse=True)  # the longest word first
+        return re.compile(r"(?<![\w-])(" + "|".join(map(re.escape, words)) + r")(?![\w-])", re.IGNORECASE)
 
     def expand(self, text: str) -> str:
         """`text` with each embedding's word replaced by its tokens; the words found are noted as used."""
         if not self.replacements:
             return text
-        words = sorted(self.replacements, key=len, reverse=True)
-        pattern = r"(?<![\w-])(" + "|".join(map(re.escape, words)) + r")(?![\w-])"
 
         def replace(match: re.Match) -> str:
-            embedding, tokens = self.replacements[match[1].lower()]
-            self.used[embedding.name.lower()] = embedding
-            return tokens
+            word = match[1].lower()
+            self.used.add(word)
+            return self.replacements[word][1]
 
-        return re.sub(pattern, replace, text, flags=re.IGNORECASE)
+        return self._pattern.sub(replace, text)
 
     @property
     def applied(self) -> list[AppliedEmbedding]:
         """The embeddings whose word appeared in a prompt, in the request's order."""
-        return [embedding for key, (embedding, _) in self.replacements.items() if key in self.used]
+        return [embedding for word, (embedding, _) in self.replacements.items() if word in self.used]
 
     def warn_unused(self) -> None:
-        for key, (embedding, _) in self.replacements.items():
-            if key not in self.used:
+        for word, (embedding, _) in self.replacements.items():
+            if word not in self.used:
                 log.warning(
                     "%s: %r appears in neither prompt nor negative_prompt, so that embedding does nothing",
                     FIELD,
@@ -147,14 +152,13 @@ class TextualInversions:
                 FIELD,
                 f"the embeddings have {needed} vectors together; one request may use {len(self.slots)}",
             )
-        used: list[int] = []
+        written = 0  # slots 0 .. written-1 may hold this request's vectors
         try:
             for word, embedding in by_word.items():
-                first = len(used)
-                used.extend(range(first, first + embedding.applied.vectors))
-                self._write(used[first:], embedding.vectors)
-                tokens = " ".join(self.slots[slot] for slot in used[first:])
-                active.replacements[word] = (embedding.applied, tokens)
+                slots = range(written, written + embedding.applied.vectors)
+                written = slots.stop
+                self._write(slots, embedding.vectors)
+                active.replacements[word] = (embedding.applied, " ".join(self.slots[slot] for slot in slots))
             log.info(
                 "%s: %s",
                 FIELD,
@@ -162,10 +166,10 @@ class TextualInversions:
             )
             yield active
         finally:
-            self._write(used, None)
+            self._write(range(written), None)
 
     @torch.no_grad()
-    def _write(self, slots: list[int], vectors: tuple[torch.Tensor, ...] | None) -> None:
+    def _write(self, slots: range, vectors: tuple[torch.Tensor, ...] | None) -> None:
         """Each encoder's vectors into the rows of `slots`; None: zeros."""
         if not slots:
             return
