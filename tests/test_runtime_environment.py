@@ -1,0 +1,266 @@
+"""The container's Python environment: what `cog build` installs is enough to serve predictions.
+
+`cog build` installs cog.yaml's `python_requirements` and the Cog SDK pinned by `build.sdk_version`,
+nothing from requirements-dev.txt, so a module that only the development pins provide passes every
+other test of the suite and still stops the container at setup. These tests build that environment
+(tests/runtime_env.py: a fresh virtualenv, cached in .cache/runtime-venv), import predict.py in it
+and serve a prediction with the bundled model through Cog's server started from it, in a copy of
+the build context (the project minus what .dockerignore leaves out).
+"""
+
+from __future__ import annotations
+
+import ast
+import base64
+import importlib.metadata
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from unittest import mock
+
+import pytest
+from PIL import Image
+from runtime_env import BuildError, canonical, cog_config, pins, requirements_file, runtime_venv, sdk_version
+from test_workflows import dockerignore_patterns, ignored
+
+from sdcog.cog_schema import write_schema
+from sdcog.cog_server import running_server
+
+ROOT = Path(__file__).resolve().parent.parent
+COG_SDK = ("cog", "coglet")  # what `cog build` installs besides python_requirements
+DEV_TOOLS = ("pytest", "hypothesis", "schemathesis", "ruff", "check-jsonschema")
+
+
+def predictor_file() -> str:
+    return cog_config()["predict"].partition(":")[0]
+
+
+def _imports(path: Path) -> set[str]:
+    """Absolute module names a file imports, at any depth (function-level imports run too)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)  # `from pkg import mod`
+    return names
+
+
+def _local_file(module: str) -> Path | None:
+    parts = module.split(".")
+    for candidate in (ROOT.joinpath(*parts).with_suffix(".py"), ROOT.joinpath(*parts, "__init__.py")):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def runtime_imports() -> dict[str, set[str]]:
+    """Third-party top-level modules the predictor reaches -> the project files that import them,
+    following the project's own modules from predict.py (so development tools stay out)."""
+    pending, seen, third_party = [ROOT / predictor_file()], set(), {}
+    while pending:
+        path = pending.pop()
+        if path in seen:
+            continue
+        seen.add(path)
+        for module in _imports(path):
+            top = module.partition(".")[0]
+            if (local := _local_file(module)) is not None:
+                pending.append(local)
+            elif _local_file(top) is None and top not in sys.stdlib_module_names:
+                third_party.setdefault(top, set()).add(path.relative_to(ROOT).as_posix())
+    return third_party
+
+
+def run_in(venv: Path, code: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """Python code run by the runtime environment's interpreter, with nothing from outside it."""
+    environment = {key: value for key, value in os.environ.items() if not key.startswith("PYTHON")}
+    return subprocess.run(
+        [str(venv / "bin" / "python"), "-c", code],
+        cwd=cwd,
+        env={**environment, "PYTHONNOUSERSITE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+
+# --- Without the environment: the pins agree --------------------------------------------------
+
+
+def test_cog_yaml_pins_the_cog_sdk_that_requirements_dev_installs():
+    dev = pins(ROOT / "requirements-dev.txt")
+    assert sdk_version() == dev["cog"] == dev["coglet"], (
+        f"cog.yaml build.sdk_version {sdk_version()!r}, requirements-dev.txt cog=={dev.get('cog')} "
+        f"coglet=={dev.get('coglet')}: the image and the tests must run the same Cog"
+    )
+
+
+def test_the_runtime_requirements_leave_the_cog_sdk_to_cog_build():
+    # `cog build` drops cog and coglet from python_requirements (with a warning): sdk_version pins them.
+    assert not set(COG_SDK) & set(pins(requirements_file()))
+
+
+def test_every_module_the_predictor_imports_is_pinned_in_the_runtime_requirements():
+    provided = set(pins(requirements_file())) | set(COG_SDK)
+    distributions = importlib.metadata.packages_distributions()
+    missing = {
+        module: sorted(files)
+        for module, files in runtime_imports().items()
+        if not {canonical(name) for name in distributions.get(module, [module])} & provided
+    }
+    assert missing == {}, (
+        f"imported at run time but not pinned in {requirements_file().name}, which is all `cog build` "
+        f"installs besides the Cog SDK: {missing}"
+    )
+
+
+# --- The environment itself --------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def venv() -> Path:
+    try:
+        return runtime_venv()
+    except BuildError as error:
+        pytest.fail(str(error), pytrace=False)
+
+
+@pytest.fixture(scope="module")
+def build_context(tmp_path_factory) -> Path:
+    """The files `cog build` sends to Docker (what .dockerignore keeps), with weights/ empty so
+    that setup() loads the bundled model."""
+    patterns = dockerignore_patterns((ROOT / ".dockerignore").read_text())
+    context = tmp_path_factory.mktemp("build-context") / "src"
+
+    def left_out(directory: str, names: list[str]) -> set[str]:
+        relative = Path(directory).relative_to(ROOT)
+        return {
+            name
+            for name in names
+            if ignored((relative / name).as_posix(), patterns)
+            or (relative == Path("weights") and name != "README.md")
+        }
+
+    shutil.copytree(ROOT, context, ignore=left_out, symlinks=True)
+    assert (context / predictor_file()).is_file() and (context / "models").is_dir()
+    return context
+
+
+@pytest.fixture(scope="module")
+def schema_file(build_context) -> Path:
+    """The OpenAPI schema the server validates inputs against. `cog build` writes it with Cog's own
+    generator, not with the image's Python, so the development environment writes it here."""
+    path = build_context / ".cog" / "openapi_schema.json"
+    write_schema(path)
+    return path
+
+
+def installed(venv: Path) -> dict[str, str]:
+    result = run_in(
+        venv,
+        "import importlib.metadata as m, json; "
+        "print(json.dumps({d.metadata['Name']: d.version for d in m.distributions()}))",
+        venv,
+    )
+    assert result.returncode == 0, result.stderr
+    return {canonical(name): version for name, version in json.loads(result.stdout).items()}
+
+
+def test_the_environment_holds_the_runtime_pins_and_the_cog_sdk(venv):
+    versions = installed(venv)
+    wanted = {**pins(requirements_file()), **dict.fromkeys(COG_SDK, sdk_version())}
+    # torch from a CPU index is 2.13.0+cpu, which torch==2.13.0 accepts
+    assert {name: versions.get(name, "missing").partition("+")[0] for name in wanted} == wanted
+
+
+def test_the_environment_holds_none_of_the_development_tools(venv):
+    versions = installed(venv)
+    assert [tool for tool in DEV_TOOLS if tool in versions] == []
+    # requirements-dev.txt's other pins may come in only as dependencies of the runtime set
+    # (psutil does: accelerate needs it).
+    dev_only = set(pins(ROOT / "requirements-dev.txt")) - set(pins(requirements_file())) - set(COG_SDK)
+    result = run_in(
+        venv,
+        "import importlib.metadata as m, json, re; print(json.dumps([re.match(r'[\\w.-]+', r)[0] "
+        "for d in m.distributions() for r in (d.requires or []) if 'extra ==' not in r]))",
+        venv,
+    )
+    assert result.returncode == 0, result.stderr
+    required = {canonical(name) for name in json.loads(result.stdout)}
+    assert sorted(dev_only & set(versions) - required) == []
+
+
+def test_predict_and_every_module_it_imports_load_in_the_environment(venv, build_context):
+    modules = sorted(runtime_imports())
+    assert {"cog", "httpx", "torch", "diffusers"} <= set(modules)
+    module = Path(predictor_file()).stem
+    code = f"import importlib; [importlib.import_module(name) for name in {modules!r}]; import {module}"
+    result = run_in(venv, code, build_context)
+    assert result.returncode == 0, f"in the runtime environment:\n{result.stderr}"
+
+
+def _libraries_loaded(session: int) -> set[Path]:
+    """Files mapped by the processes of a session (the Cog server and its worker)."""
+    files = set()
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and os.getsid(int(proc.name)) == session:
+                files.update(
+                    Path(line.split(maxsplit=5)[5])
+                    for line in (proc / "maps").read_text().splitlines()
+                    if len(line.split(maxsplit=5)) == 6
+                )
+        except OSError:  # gone, or not ours to read
+            continue
+    return files
+
+
+def test_the_environment_serves_a_prediction_with_the_bundled_model(venv, build_context, schema_file):
+    assert schema_file.is_file()
+    # running_server starts the server with this interpreter and puts its directory first on PATH,
+    # where the server finds the `python` of its worker: make both the runtime environment's.
+    with (
+        mock.patch.object(sys, "executable", str(venv / "bin" / "python")),
+        running_server(build_context, env={"MODEL_WEIGHTS": "", "PYTHONNOUSERSITE": "1"}) as server,
+    ):
+        response = server.predict(
+            {
+                "prompt": "a red circle on a blue background",
+                "width": 64,
+                "height": 64,
+                "num_inference_steps": 2,
+                "output_format": "png",
+                "seed": 1,
+            }
+        )
+        loaded = {path for path in _libraries_loaded(server.process.pid) if "libtorch" in path.name}
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["status"] == "succeeded", body.get("error") or body.get("logs")
+    header, _, payload = body["output"][0].partition(",")
+    assert header == "data:image/png;base64"
+    with Image.open(io.BytesIO(base64.b64decode(payload))) as image:
+        assert (image.format, image.size) == ("PNG", (64, 64))
+    # the worker ran on the runtime environment's torch, not the development .venv's
+    assert loaded and all(venv.resolve() in path.resolve().parents for path in loaded), loaded
+
+
+def test_the_environment_loads_the_trainer(venv, build_context):
+    """The hook for training: once cog.yaml declares `train:`, the trainer must load here too.
+
+    Running a small training through `/trainings` belongs here as well once train.py exists (the
+    server runs it with `--x-mode train` and COG_TRAIN_TYPE_STUB; see DESIGN.md).
+    """
+    train = cog_config().get("train")
+    if not train:
+        pytest.skip("cog.yaml declares no `train:`: there is no trainer to run in the runtime environment")
+    code = f"from sdcog.cog_schema import load_predictor_info; load_predictor_info({train!r})"
+    result = run_in(venv, code, build_context)
+    assert result.returncode == 0, f"{train} in the runtime environment:\n{result.stderr}"
