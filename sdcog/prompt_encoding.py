@@ -27,7 +27,13 @@ from compel.prompt_parser import Fragment as CompelFragment
 from diffusers import DiffusionPipeline
 
 from sdcog.errors import InputError
-from sdcog.prompt_syntax import Fragment, is_weighted, parse_weighted_prompt, plain_text
+from sdcog.prompt_syntax import (
+    Fragment,
+    PromptSyntaxError,
+    is_weighted,
+    parse_weighted_prompt,
+    plain_text,
+)
 
 WINDOW_TOKENS = 75
 """Tokens per CLIP window, without its start and end markers."""
@@ -91,7 +97,10 @@ class PromptEncoder:
     def parse(self, field: str, prompt: str, expand: Callable[[str], str] | None = None) -> ParsedPrompt:
         """`prompt` without its attention syntax, counted; `expand` rewrites each fragment's text (the
         request's embeddings' words into their tokens)."""
-        fragments = parse_weighted_prompt(prompt)
+        try:
+            fragments = parse_weighted_prompt(prompt)
+        except PromptSyntaxError as error:
+            raise InputError(field, str(error)) from error
         if expand is not None:
             fragments = [Fragment(expand(fragment.text), fragment.weight) for fragment in fragments]
         text = plain_text(fragments)

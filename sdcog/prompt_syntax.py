@@ -11,6 +11,7 @@ bracket with nothing open is kept as text: a prompt is never refused for its bra
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
@@ -35,49 +36,70 @@ class Fragment:
     weight: float = 1.0
 
 
+class PromptSyntaxError(ValueError):
+    """A prompt whose attention weights cannot be used (the caller names the field)."""
+
+
+MAX_WEIGHT = 100.0
+"""The largest attention weight (in magnitude) a fragment may end up with: nested brackets multiply,
+and 49 pairs of `( )` already make 1.1**49 = 106. A weight that far out only makes noise."""
+
+
+@dataclass
+class _Bracket:
+    start: int
+    """Index of the first text fragment it covers."""
+    factor: float
+    end: int | None = None
+    """Index past the last text fragment it covers; None while open (then it runs to the end)."""
+
+
 def parse_weighted_prompt(prompt: str) -> list[Fragment]:
-    """The prompt's fragments, in order, with their weights."""
+    """The prompt's fragments, in order, with their weights.
+
+    Linear in the prompt's length, however deeply brackets nest: the first pass records which
+    fragments each bracket covers (a stack per bracket kind), the second sweeps the fragments once,
+    keeping the product of the factors that cover the current one. Raises `PromptSyntaxError` when
+    a weight's magnitude ends up over `MAX_WEIGHT`.
+    """
     texts: list[str] = []
-    weights: list[float] = []
     groups: list[int] = []  # texts between the same two brackets share a group
     group = 0
-    open_brackets: list[tuple[str, int]] = []  # (bracket, index of its first fragment)
+    brackets: list[_Bracket] = []
+    open_by_kind: dict[str, list[_Bracket]] = {"(": [], "[": []}
 
-    def close(bracket: str, factor: float) -> None:
-        for position, (kind, start) in reversed(list(enumerate(open_brackets))):
-            if kind == bracket:
-                del open_brackets[position]
-                for index in range(start, len(weights)):
-                    weights[index] *= factor
-                return
-        add(")" if bracket == "(" else "]")  # nothing to close: literal text
+    def close(kind: str, factor: float) -> None:
+        if not open_by_kind[kind]:  # nothing to close: literal text
+            add(")" if kind == "(" else "]")
+            return
+        bracket = open_by_kind[kind].pop()  # the innermost bracket of that kind
+        bracket.factor, bracket.end = factor, len(texts)
 
     def add(text: str) -> None:
         texts.append(text)
-        weights.append(1.0)
         groups.append(group)
 
     for match in _TOKEN.finditer(prompt):
         token = match.group(0)
-        if match.group("weight") is not None or token in ("(", ")", "[", "]"):
+        weight = match.group("weight")
+        if weight is not None or token in ("(", ")", "[", "]"):
             group += 1
-        if match.group("weight") is not None:
-            if any(kind == "(" for kind, _ in open_brackets):
-                close("(", float(match.group("weight")))
+        if weight is not None:
+            if open_by_kind["("]:
+                close("(", float(weight))
             else:  # "words:1.3)" with no "(" open: text, as AUTOMATIC1111 reads it
                 add(token)
         elif token in ("(", "["):
-            open_brackets.append((token, len(texts)))
+            bracket = _Bracket(len(texts), ROUND_FACTOR if token == "(" else SQUARE_FACTOR)
+            brackets.append(bracket)
+            open_by_kind[token].append(bracket)
         elif token == ")":
             close("(", ROUND_FACTOR)
         elif token == "]":
             close("[", SQUARE_FACTOR)
         else:
             add(token[1:] if token.startswith("\\") and len(token) == 2 else token)
-    for kind, start in open_brackets:  # left open: the factor runs to the end
-        factor = ROUND_FACTOR if kind == "(" else SQUARE_FACTOR
-        for index in range(start, len(weights)):
-            weights[index] *= factor
+    weights = _covering_products(brackets, texts)
     # Neighbours between the same brackets are one fragment ("time: 3 pm"); a bracket always
     # separates fragments, so "(cat:1.3)(dog:1.3)" stays two words, not "catdog".
     fragments: list[Fragment] = []
@@ -87,6 +109,44 @@ def parse_weighted_prompt(prompt: str) -> list[Fragment]:
         else:
             fragments.append(Fragment(text, weight))
     return fragments or [Fragment("")]
+
+
+def _covering_products(brackets: list[_Bracket], texts: list[str]) -> list[float]:
+    """For each text fragment, the product of the factors of the brackets covering it.
+
+    One sweep: a bracket's factor joins the running product where its range starts and leaves it
+    where it ends. The product is kept as a sum of logarithms (no overflow, and a factor can leave
+    exactly), with zero and negative factors counted apart.
+    """
+    count = len(texts)
+    starts: dict[int, list[float]] = {}
+    ends: dict[int, list[float]] = {}
+    for bracket in brackets:
+        end = count if bracket.end is None else bracket.end
+        if end > bracket.start:
+            starts.setdefault(bracket.start, []).append(bracket.factor)
+            ends.setdefault(end, []).append(bracket.factor)
+    log_sum, zeros, negatives = 0.0, 0, 0
+    weights: list[float] = []
+    for index in range(count):
+        for sign, factors in ((-1, ends.get(index, ())), (1, starts.get(index, ()))):
+            for factor in factors:
+                if factor == 0:
+                    zeros += sign
+                else:
+                    log_sum += sign * math.log(abs(factor))
+                    negatives += sign * (factor < 0)
+        if zeros:
+            weights.append(0.0)
+            continue
+        if log_sum > math.log(MAX_WEIGHT):
+            raise PromptSyntaxError(
+                f"gives {texts[index][:40]!r} an attention weight over {MAX_WEIGHT:g} in magnitude "
+                "(nested brackets multiply their factors, 1.1 each): remove some brackets"
+            )
+        magnitude = float(f"{math.exp(log_sum):.12g}")  # 1.1 x 1.1 is 1.21, whatever the order
+        weights.append(-magnitude if negatives % 2 else magnitude)
+    return weights
 
 
 def is_weighted(fragments: list[Fragment]) -> bool:

@@ -1,12 +1,16 @@
 """Prompts past CLIP's 77 tokens and AUTOMATIC1111 attention weights, on SD 1.5 and SDXL."""
 
+import time
+
 import numpy as np
 import pytest
+from hostile_prompts import HOSTILE_PROMPTS
 
+from sdcog.cancellation import CancelFlag, Cancelled
 from sdcog.engine import Engine
 from sdcog.errors import InputError
 from sdcog.prompt_encoding import MAX_PROMPT_TOKENS, WINDOW_TOKENS
-from sdcog.prompt_syntax import Fragment, parse_weighted_prompt
+from sdcog.prompt_syntax import MAX_WEIGHT, Fragment, PromptSyntaxError, parse_weighted_prompt
 from sdcog.request import resolve_request
 from sdcog.shapes import judge
 from sdcog.weights import BUNDLED_MODEL_DIR
@@ -99,6 +103,49 @@ def test_a_prompt_over_the_limit_is_refused_naming_the_field(engines):
     with pytest.raises(InputError, match=f"the limit is {MAX_PROMPT_TOKENS}") as error:
         generate(engine, "a red circle", negative_prompt=prompt)
     assert error.value.field == "negative_prompt"
+
+
+@pytest.mark.parametrize("name", HOSTILE_PROMPTS)
+@pytest.mark.parametrize("field", ["prompt", "negative_prompt"])
+def test_any_prompt_is_read_or_refused_in_linear_time(engines, name, field):
+    """Issue 16: the attention parser was quadratic (72 KB of "(a" took 55 s before its refusal).
+    Each hostile prompt is refused naming its field, or read, within a fraction of a second."""
+    prompt, outcome = HOSTILE_PROMPTS[name]
+    engine = engines["sd15"]
+    other = "prompt" if field == "negative_prompt" else "negative_prompt"
+    started = time.perf_counter()
+    try:
+        request = resolve_request(engine.limits, **{field: prompt, other: "x"}, seed=1)
+        engine.prompts.arguments(request.prompt, request.negative_prompt)
+    except InputError as error:
+        assert outcome == "refused", f"{name}: {error}"
+        assert error.field == field
+    else:
+        assert outcome == "runs", f"{name} was not refused"
+    assert time.perf_counter() - started < 1.0  # the quadratic parser: 1.2 s at 6,000 brackets
+
+
+def test_weights_past_the_limit_are_refused_and_nesting_multiplies():
+    assert parse_weighted_prompt("(" * 48 + "a" + ")" * 48)[0].weight == pytest.approx(1.1**48)
+    with pytest.raises(PromptSyntaxError, match=f"over {MAX_WEIGHT:g}"):
+        parse_weighted_prompt("(" * 49 + "a" + ")" * 49)
+    with pytest.raises(PromptSyntaxError):
+        parse_weighted_prompt("(a:-101)")
+    assert parse_weighted_prompt("(a:-100)")[0].weight == -100
+
+
+def test_a_cancel_before_the_first_step_runs_no_step(sd15):
+    flag = CancelFlag()
+    flag.set()
+    steps = []
+    original = sd15.pipeline.unet.forward
+    sd15.pipeline.unet.forward = lambda *args, **kwargs: steps.append(1) or original(*args, **kwargs)
+    try:
+        with pytest.raises(Cancelled, match="canceled before the first denoising step"):
+            sd15.generate(resolve_request(sd15.limits, prompt="(a" * 3000 + ")" * 3000, seed=1), flag)
+    finally:
+        del sd15.pipeline.unet.forward
+    assert steps == []
 
 
 def test_weighting_steers_the_bundled_model():
