@@ -23,6 +23,7 @@ from sdcog.adapter_references import AdapterReference, parse_reference
 from sdcog.errors import InputError
 from sdcog.families import ModelFamily
 from sdcog.images import Outpaint, as_rgb, binary_mask, extend_canvas, round_to_multiple
+from sdcog.infotext import JPEG_PROMPT_BYTES, prompt_lines_utf16_bytes
 from sdcog.schedulers import DEFAULT_SCHEDULER, SCHEDULER_NAMES
 
 SIZE_MIN, SIZE_MAX, SIZE_MULTIPLE = 64, 2048, 8
@@ -30,6 +31,10 @@ NUM_OUTPUTS_MIN, NUM_OUTPUTS_MAX = 1, 4
 STEPS_MIN, STEPS_MAX = 1, 500
 GUIDANCE_MIN, GUIDANCE_MAX = 0.0, 30.0
 SEED_MIN, SEED_MAX = 0, 2**32 - 1
+MAX_PROMPT_CHARS = 20_000
+"""The longest prompt or negative prompt read, in characters: checked first, so a huge one costs
+nothing. 600 tokens (the token limit, `sdcog.prompt_encoding.MAX_PROMPT_TOKENS`) of weighted words
+take well under half of it."""
 OUTPUT_FORMATS = ("webp", "jpg", "png")
 DEFAULT_OUTPUT_FORMAT = "webp"
 QUALITY_MIN, QUALITY_MAX, DEFAULT_QUALITY = 1, 100, 90
@@ -140,10 +145,38 @@ def _check_size(field: str, value: Any) -> int:
     return value
 
 
-def _resolve_seed(seed: int | None) -> int:
+def _resolve_seed(seed: int | None, num_outputs: int) -> int:
+    """The first image's seed; the last image's (seed + num_outputs - 1) must be a valid seed too, so
+    that every image of the batch can be made again alone."""
+    highest = SEED_MAX - (num_outputs - 1)
     if seed is None:
-        return secrets.randbelow(SEED_MAX + 1)
-    return _check_int("seed", seed, SEED_MIN, SEED_MAX)
+        return secrets.randbelow(highest + 1)
+    _check_int("seed", seed, SEED_MIN, SEED_MAX)
+    if seed > highest:
+        raise InputError(
+            "seed",
+            f"{seed} with num_outputs={num_outputs} gives the last image seed {seed + num_outputs - 1}, "
+            f"over the largest seed {SEED_MAX}: use a seed up to {highest}",
+        )
+    return seed
+
+
+def _check_fits_jpeg(prompt: str, negative_prompt: str) -> None:
+    size = prompt_lines_utf16_bytes(prompt, negative_prompt)
+    if size > JPEG_PROMPT_BYTES:
+        raise InputError(
+            "output_format",
+            f"jpg files hold at most 64 KB of metadata, and these prompts take {size / 1000:.0f} KB of "
+            "it: choose png or webp, or shorten the prompts",
+        )
+
+
+def _check_prompt(field: str, prompt: Any) -> None:
+    _require_type(field, prompt, (str,), "a string")
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise InputError(
+            field, f"is {len(prompt):,} characters long; the limit is {MAX_PROMPT_CHARS:,}: shorten it"
+        )
 
 
 def resolve_request(
@@ -174,9 +207,9 @@ def resolve_request(
     With `image` the request is image-to-image; with `mask` or `outpaint` as well, inpainting.
     """
     family = model.family
-    _require_type("prompt", prompt, (str,), "a string")
+    _check_prompt("prompt", prompt)
     if negative_prompt is not None:
-        _require_type("negative_prompt", negative_prompt, (str,), "a string")
+        _check_prompt("negative_prompt", negative_prompt)
     outpaint = _check_outpaint(outpaint or Outpaint())
     if image is None:
         if mask is not None:
@@ -218,6 +251,9 @@ def resolve_request(
             f"{prompt_strength:g} x {num_inference_steps} steps leaves no denoising step to run "
             "(diffusers runs int(num_inference_steps x prompt_strength) steps); raise either",
         )
+    output_format = _check_choice("output_format", output_format, OUTPUT_FORMATS)
+    if output_format == "jpg":
+        _check_fits_jpeg(prompt, negative_prompt or "")
     return GenerationRequest(
         prompt=prompt,
         negative_prompt=negative_prompt or "",
@@ -227,8 +263,8 @@ def resolve_request(
         num_inference_steps=num_inference_steps,
         guidance_scale=float(guidance_scale),
         scheduler=_check_choice("scheduler", scheduler, SCHEDULER_NAMES),
-        seed=_resolve_seed(seed),
-        output_format=_check_choice("output_format", output_format, OUTPUT_FORMATS),
+        seed=_resolve_seed(seed, num_outputs),
+        output_format=output_format,
         output_quality=_check_int("output_quality", output_quality, QUALITY_MIN, QUALITY_MAX),
         mode=mode,
         init_image=init_image,

@@ -31,6 +31,19 @@ def test_image_i_uses_seed_plus_i():
     assert resolve_request(SD15, prompt="x", seed=41, num_outputs=3).seeds == [41, 42, 43]
 
 
+@given(seed=st.none() | st.integers(SEED_MAX - 8, SEED_MAX), num_outputs=st.integers(1, 4))
+def test_every_image_of_a_batch_can_be_made_again_alone(seed, num_outputs):
+    """Issue 16: seed=4294967295 with num_outputs=2 embedded seed 4294967296, which is refused."""
+    try:
+        request = resolve_request(SD15, prompt="x", seed=seed, num_outputs=num_outputs, width=64, height=64)
+    except InputError as error:
+        assert error.field == "seed" and seed + num_outputs - 1 > SEED_MAX
+        assert f"use a seed up to {SEED_MAX - num_outputs + 1}" in str(error)
+        return
+    for image_seed in request.seeds:
+        assert resolve_request(SD15, prompt="x", seed=image_seed, width=64, height=64).seeds == [image_seed]
+
+
 def test_missing_seed_is_drawn_from_the_32_bit_range():
     seeds = {resolve_request(SD15, prompt="x").seed for _ in range(50)}
     assert len(seeds) > 45
