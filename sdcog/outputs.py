@@ -2,7 +2,10 @@
 
 Every image carries its parameters in AUTOMATIC1111's infotext format, which its "PNG Info" tab and
 most image tools read: a PNG `parameters` text chunk, or for JPEG and WebP the same text in the
-EXIF UserComment tag (encoded as AUTOMATIC1111 writes it: "UNICODE\\0" + UTF-16BE).
+EXIF UserComment tag (encoded as AUTOMATIC1111 writes it: "UNICODE\\0" + UTF-16BE). The infotext
+format has no escapes, so each prompt is written there as one line that encodes to the same tokens
+(`infotext_line`); the prompts exactly as sent are kept beside it as JSON, in a PNG `sdcog` text
+chunk or the EXIF MakerNote ("sdcog\\0" + UTF-8).
 
 Encoder settings favour speed, since encoding is on the path of every answer: PNG at
 compress_level 1 (a default-level PNG of 1024x1024 costs 150-330 ms on two cores, level 1 about a
@@ -17,7 +20,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -27,6 +30,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from sdcog import __version__
 from sdcog.images import MASK_BLUR_PX
+from sdcog.infotext import format_infotext
 from sdcog.request import INPAINT, TEXT_TO_IMAGE, GenerationRequest
 from sdcog.schedulers import SCHEDULERS
 
@@ -36,7 +40,12 @@ if TYPE_CHECKING:  # only a type here: loras imports diffusers, which encoding d
 
 EXIF_IFD_POINTER = 0x8769
 EXIF_USER_COMMENT = 0x9286
+EXIF_MAKER_NOTE = 0x927C
 _UNICODE_PREFIX = b"UNICODE\x00"
+EXACT_PNG_CHUNK = "sdcog"
+JPEG_EXIF_MAX_BYTES = 65_533
+"""What one JPEG APP1 segment holds (its "Exif\\0\\0" header included)."""
+_EXACT_PREFIX = b"sdcog\x00"
 
 FILE_EXTENSIONS = {"png": "png", "jpg": "jpg", "webp": "webp"}
 PNG_COMPRESS_LEVEL = 1
@@ -44,50 +53,29 @@ WEBP_METHOD = 0
 ENCODER_THREADS = min(4, os.cpu_count() or 1)
 
 
-def _quote(value: object) -> str:
-    """Quote a value as AUTOMATIC1111 does (JSON string when it holds a comma, colon or newline), and
-    also when it starts with a quote, so every value parses back."""
-    text = str(value)
-    if "," not in text and "\n" not in text and ":" not in text and not text.startswith('"'):
-        return text
-    return json.dumps(text, ensure_ascii=False)
-
-
-def format_infotext(prompt: str, negative_prompt: str, fields: Mapping[str, object]) -> str:
-    """AUTOMATIC1111 infotext: prompt line, optional `Negative prompt:` line, then `Key: value, ...`."""
-    lines = [prompt]
-    if negative_prompt:
-        lines.append(f"Negative prompt: {negative_prompt}")
-    lines.append(", ".join(f"{key}: {_quote(value)}" for key, value in fields.items() if value is not None))
-    return "\n".join(lines)
-
-
-def parse_infotext_fields(infotext: str) -> dict[str, str]:
-    """The `Key: value` pairs of an infotext's last line (quoted values unquoted)."""
-    last_line = infotext.rsplit("\n", 1)[-1]
-    fields: dict[str, str] = {}
-    position = 0
-    while position < len(last_line):
-        colon = last_line.index(": ", position)
-        key = last_line[position:colon].strip()
-        position = colon + 2
-        if last_line.startswith('"', position):
-            value, consumed = json.JSONDecoder().raw_decode(last_line, position)
-            position = consumed
-        else:
-            end = last_line.find(",", position)
-            end = len(last_line) if end == -1 else end
-            value, position = last_line[position:end], end
-        fields[key] = value
-        position = last_line.find(",", position)
-        position = len(last_line) if position == -1 else position + 1
-    return fields
-
-
-def _exif_with_comment(text: str) -> Image.Exif:
+def _exif_with_comment(text: str, exact: str | None) -> Image.Exif:
     exif = Image.Exif()
-    exif.get_ifd(EXIF_IFD_POINTER)[EXIF_USER_COMMENT] = _UNICODE_PREFIX + text.encode("utf-16-be")
+    exif_ifd = exif.get_ifd(EXIF_IFD_POINTER)
+    exif_ifd[EXIF_USER_COMMENT] = _UNICODE_PREFIX + text.encode("utf-16-be")
+    if exact is not None:
+        exif_ifd[EXIF_MAKER_NOTE] = _EXACT_PREFIX + exact.encode("utf-8")
     return exif
+
+
+def exact_texts_json(prompt: str, negative_prompt: str) -> str:
+    """The prompts exactly as sent, as JSON (`{"prompt": ..., "negative_prompt": ...}`)."""
+    return json.dumps({"prompt": prompt, "negative_prompt": negative_prompt}, ensure_ascii=False)
+
+
+def read_exact_texts(path: Path) -> dict[str, str] | None:
+    """The prompts exactly as sent, from an output file (PNG chunk `sdcog`, or EXIF MakerNote)."""
+    with Image.open(path) as image:
+        if EXACT_PNG_CHUNK in image.info:
+            return json.loads(image.info[EXACT_PNG_CHUNK])
+        note = image.getexif().get_ifd(EXIF_IFD_POINTER).get(EXIF_MAKER_NOTE)
+    if not isinstance(note, bytes) or not note.startswith(_EXACT_PREFIX):
+        return None
+    return json.loads(note[len(_EXACT_PREFIX) :].decode("utf-8"))
 
 
 def read_infotext(path: Path) -> str | None:
@@ -103,23 +91,28 @@ def read_infotext(path: Path) -> str | None:
     return comment.split(b"\x00", 8)[-1].decode("utf-8", errors="replace")
 
 
-def save_image(image: Image.Image, path: Path, output_format: str, quality: int, infotext: str) -> Path:
-    """Encode `image` to `path` in `output_format` with `infotext` embedded."""
+def save_image(
+    image: Image.Image, path: Path, output_format: str, quality: int, infotext: str, exact: str = "{}"
+) -> Path:
+    """Encode `image` to `path` in `output_format` with `infotext` embedded, and `exact` (see
+    `exact_texts_json`) beside it."""
     if output_format == "png":
         metadata = PngInfo()
         metadata.add_text("parameters", infotext)
+        metadata.add_text(EXACT_PNG_CHUNK, exact)
         image.save(path, format="PNG", pnginfo=metadata, compress_level=PNG_COMPRESS_LEVEL)
     elif output_format == "jpg":
-        image.convert("RGB").save(
-            path, format="JPEG", quality=quality, exif=_exif_with_comment(infotext).tobytes()
-        )
+        exif = _exif_with_comment(infotext, exact).tobytes()
+        if len(exif) > JPEG_EXIF_MAX_BYTES:  # the exact texts do not fit beside the infotext
+            exif = _exif_with_comment(infotext, None).tobytes()
+        image.convert("RGB").save(path, format="JPEG", quality=quality, exif=exif)
     elif output_format == "webp":
         image.save(
             path,
             format="WEBP",
             quality=quality,
             method=WEBP_METHOD,
-            exif=_exif_with_comment(infotext).tobytes(),
+            exif=_exif_with_comment(infotext, exact).tobytes(),
         )
     else:
         raise ValueError(f"unknown output format {output_format!r}")
@@ -186,6 +179,7 @@ def write_outputs(
     """
     directory.mkdir(parents=True, exist_ok=True)
     verdicts = list(safety) if safety is not None else [None] * len(images)
+    exact = exact_texts_json(request.prompt, request.negative_prompt)
 
     def encode(index: int) -> Path:
         return save_image(
@@ -196,6 +190,7 @@ def write_outputs(
             generation_infotext(
                 request, request.seeds[index], model_name, verdicts[index], loras, embeddings
             ),
+            exact,
         )
 
     if len(images) != len(request.seeds) or len(verdicts) != len(images):

@@ -10,7 +10,8 @@ from PIL import Image
 
 from sdcog.cog_schema import write_schema
 from sdcog.cog_server import ServerError, running_server
-from sdcog.outputs import parse_infotext_fields, read_infotext
+from sdcog.infotext import parse_infotext_fields
+from sdcog.outputs import read_infotext
 from sdcog.request import SEED_MAX
 from sdcog.schedulers import SCHEDULER_NAMES
 from sdcog.weights import PROJECT_ROOT

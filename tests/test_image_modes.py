@@ -7,7 +7,8 @@ from PIL import Image, ImageDraw
 
 from sdcog.engine import Engine
 from sdcog.images import Outpaint, paste_back
-from sdcog.outputs import generation_infotext, parse_infotext_fields
+from sdcog.infotext import parse_infotext_fields
+from sdcog.outputs import generation_infotext
 from sdcog.request import IMAGE_TO_IMAGE, INPAINT, InputError, resolve_request
 
 STEPS = 10

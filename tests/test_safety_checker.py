@@ -11,7 +11,8 @@ import torch
 from diffusers.pipelines.stable_diffusion.safety_checker import cosine_distance
 
 from sdcog.engine import SAFETY_DISABLED, SAFETY_FLAGGED, SAFETY_PASSED, Engine
-from sdcog.outputs import parse_infotext_fields, read_infotext, write_outputs
+from sdcog.infotext import parse_infotext_fields
+from sdcog.outputs import read_infotext, write_outputs
 from sdcog.request import resolve_request
 
 FAST = {"prompt": "a red circle on a blue background", "width": 64, "height": 64, "num_inference_steps": 3}
