@@ -211,7 +211,9 @@ class Engine:
         pipeline_class = self._pipeline_class(request.mode)
         parameters = inspect.signature(pipeline_class.__init__).parameters
         components = {name: module for name, module in loaded.components.items() if name in parameters}
-        components["scheduler"] = build_scheduler(request.scheduler, loaded.scheduler.config)
+        components["scheduler"] = build_scheduler(
+            request.scheduler, loaded.scheduler.config, request.num_inference_steps
+        )
         # Constructor settings that are config values, not modules (requires_safety_checker,
         # force_zeros_for_empty_prompt, ...), carried over from the loaded pipeline.
         settings = {
@@ -254,6 +256,8 @@ class Engine:
         current step with `Cancelled` (the VAE decode is skipped). Running out of GPU memory frees
         the cache and raises `OutOfMemory`, which suggests a smaller request.
         """
+        if cancel is not None:  # a cancel that came while this request waited for the thread
+            cancel.check("before the first denoising step")
         applied = self.loras.activate(loras or [])
         pipeline = self._pipeline_for(request)
         self._choose_vae_tiling(request)
@@ -285,6 +289,8 @@ class Engine:
         with self.embeddings.applied(embeddings or []) as active:
             arguments.update(self.prompts.arguments(request.prompt, request.negative_prompt, active.expand))
             active.warn_unused()
+            if cancel is not None:  # a cancel that came while the prompts were read
+                cancel.check("before the first denoising step")
             try:
                 output = pipeline(**arguments)
             except torch.OutOfMemoryError:

@@ -18,6 +18,8 @@ from typing import Any
 import diffusers
 from diffusers import SchedulerMixin
 
+from sdcog.errors import InputError
+
 
 @dataclass(frozen=True)
 class SchedulerSpec:
@@ -45,7 +47,9 @@ SCHEDULERS: Mapping[str, SchedulerSpec] = MappingProxyType(
         "K_EULER": _spec("EulerDiscreteScheduler", "Euler"),
         "K_EULER_ANCESTRAL": _spec("EulerAncestralDiscreteScheduler", "Euler a"),
         "DPMSolverMultistep": _spec("DPMSolverMultistepScheduler", "DPM++ 2M"),
-        "PNDM": _spec("PNDMScheduler", "PLMS"),
+        # PLMS, as AUTOMATIC1111 and SD 1.x's own scheduler config run it: without the Runge-Kutta
+        # warm-up, which needs at least 4 steps (SDXL's config does not set it: 1-3 steps failed).
+        "PNDM": _spec("PNDMScheduler", "PLMS", skip_prk_steps=True),
         "KLMS": _spec("LMSDiscreteScheduler", "LMS"),
         # AUTOMATIC1111 names for the samplers users ask for most.
         "DPM++ 2M Karras": _spec("DPMSolverMultistepScheduler", "DPM++ 2M Karras", **_KARRAS),
@@ -74,6 +78,14 @@ SCHEDULER_NAMES: tuple[str, ...] = tuple(SCHEDULERS)
 DEFAULT_SCHEDULER = "DPM++ 2M Karras"
 
 
-def build_scheduler(name: str, base_config: Mapping[str, Any]) -> SchedulerMixin:
-    """A new scheduler instance for one request; `name` must be one of SCHEDULER_NAMES."""
-    return SCHEDULERS[name].build(base_config)
+def build_scheduler(name: str, base_config: Mapping[str, Any], steps: int | None = None) -> SchedulerMixin:
+    """A new scheduler instance for one request; `name` must be one of SCHEDULER_NAMES. With `steps`,
+    a step count the scheduler cannot run is refused naming num_inference_steps."""
+    scheduler = SCHEDULERS[name].build(base_config)
+    # LCM picks its steps among those of its distillation schedule (original_inference_steps).
+    most = scheduler.config.get("original_inference_steps")
+    if steps is not None and most is not None and steps > most:
+        raise InputError(
+            "num_inference_steps", f"{name} runs at most {most} steps on this model, got {steps}"
+        )
+    return scheduler

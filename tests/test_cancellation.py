@@ -144,6 +144,37 @@ def test_cancel_stops_within_a_step_and_the_next_prediction_is_unchanged(server,
     assert server.settled_status() == "READY"
 
 
+def test_a_canceled_synchronous_prediction_answers_canceled_and_its_logs_reach_the_server_log(server):
+    """coglet 0.23.1 answers a canceled (or failed) synchronous prediction with `logs: ""`: its HTTP
+    layer builds those answers without the logs (crates/coglet/src/transport/http/routes.rs). The
+    README says so and points to the webhook and the server's own output, where the line is. This
+    test fails when an upgrade starts returning the logs, so that the README can say so."""
+    server.settled_status()
+    answer = {}
+    started = threading.Thread(
+        target=lambda: answer.update(
+            response=httpx.post(
+                f"{server.url}/predictions", json={"id": "sync-cancel-1", "input": LONG}, timeout=120
+            )
+        )
+    )
+    started.start()
+    deadline = time.monotonic() + 60
+    while not TQDM_LINE.search(server.log()) or "sync-cancel-1" not in server.log():
+        assert time.monotonic() < deadline, server.log()[-2000:]
+        time.sleep(0.05)
+    assert httpx.post(f"{server.url}/predictions/sync-cancel-1/cancel", timeout=30).status_code == 200
+    started.join(60)
+    body = answer["response"].json()
+    assert answer["response"].status_code == 200 and body["status"] == "canceled", body
+    assert body["logs"] == ""  # upstream; see the docstring
+    deadline = time.monotonic() + 10
+    while not re.search(r"canceled after denoising step \d+ of 400", server.log()):
+        assert time.monotonic() < deadline, server.log()[-2000:]
+        time.sleep(0.05)
+    assert server.settled_status() == "READY"
+
+
 class Injected(BaseException):
     """Stands in for Cog's CancelationException, injected the way Cog injects it."""
 
