@@ -10,6 +10,7 @@ import sys
 
 from cog import BasePredictor, Input, Path, Secret
 
+from sdcog import liveness
 from sdcog.adapter_cache import AdapterCache, adapter_tokens
 from sdcog.cancellation import run_cancellable
 from sdcog.engine import Engine
@@ -157,6 +158,7 @@ class Predictor(BasePredictor):
             default=None,
         ),
     ) -> list[Path]:
+        liveness.prediction_started()  # the probe tells a running prediction from a stuck slot
         try:
             request = resolve_request(
                 self.engine.limits,
@@ -202,6 +204,7 @@ class Predictor(BasePredictor):
             )
             return [Path(path) for path in paths]
         finally:
+            liveness.prediction_ended()
             # glibc keeps what this prediction freed; give it back once the answer is on its way.
             self.heap.trim_in_background()
 
