@@ -180,18 +180,11 @@ class TextualInversions:
 
     def _read(self, file: AdapterFile, token: str | None) -> _Embedding:
         try:
-            state = load_file(file.path)
-        except (SafetensorError, OSError) as error:
-            raise InputError(FIELD, f"{file.name}: cannot read it as safetensors: {error}") from error
-        own_token, vectors = self._vectors(file, state)
-        counts = {len(tensor) for tensor in vectors}
-        if len(counts) != 1:
-            raise InputError(FIELD, f"{file.name}: its text encoders' parts have different vector counts")
-        count = counts.pop()
-        if not 1 <= count <= MAX_VECTORS:
-            raise InputError(FIELD, f"{file.name} has {count} vectors; an embedding has 1 to {MAX_VECTORS}")
-        if not all(torch.isfinite(tensor).all() for tensor in vectors):
-            raise InputError(FIELD, f"{file.name} holds values that are not finite numbers")
+            own_token, vectors = self._vectors(file)
+        except InputError:
+            file.reject()  # no embedding for this model: the cache forgets it if this request stored it
+            raise
+        count = len(vectors[0])
         word = token or own_token or file.name
         if not EMBEDDING_TOKEN.fullmatch(word):
             raise InputError(
@@ -201,9 +194,13 @@ class TextualInversions:
             )
         return _Embedding(AppliedEmbedding(word, file.sha256[:12], count), vectors)
 
-    def _vectors(self, file: AdapterFile, state: dict[str, torch.Tensor]) -> tuple[str | None, tuple]:
+    def _vectors(self, file: AdapterFile) -> tuple[str | None, tuple[torch.Tensor, ...]]:
         """The token the file names (diffusers' format), and its vectors per text encoder, checked
-        against this model's widths."""
+        against this model's widths, and for their count and values."""
+        try:
+            state = load_file(file.path)
+        except (SafetensorError, OSError) as error:
+            raise InputError(FIELD, f"{file.name}: cannot read it as safetensors: {error}") from error
         own_token = None
         xl_keys = next((keys for keys in _XL_KEYS if set(keys) <= set(state)), None)
         if xl_keys:
@@ -224,11 +221,16 @@ class TextualInversions:
         widths = tuple(tensor.shape[-1] for tensor in tensors)
         if widths != self.widths or any(tensor.dim() != 2 for tensor in tensors):
             made_for = _describe(widths, xl=xl_keys is not None)
-            raise InputError(
-                FIELD,
-                f"{file.name} is an embedding for {made_for}; this model takes "
-                f"{_describe(self.widths, xl=len(self.widths) == 2)} embeddings",
-            )
+            takes = _describe(self.widths, xl=len(self.widths) == 2)
+            raise InputError(FIELD, f"{file.name} is {made_for[0]}; this model takes {takes[1]}")
+        counts = {len(tensor) for tensor in tensors}
+        if len(counts) != 1:
+            raise InputError(FIELD, f"{file.name}: its text encoders' parts have different vector counts")
+        count = counts.pop()
+        if not 1 <= count <= MAX_VECTORS:
+            raise InputError(FIELD, f"{file.name} has {count} vectors; an embedding has 1 to {MAX_VECTORS}")
+        if not all(torch.isfinite(tensor).all() for tensor in tensors):
+            raise InputError(FIELD, f"{file.name} holds values that are not finite numbers")
         return own_token, tuple(tensor.float() for tensor in tensors)
 
 
@@ -248,10 +250,15 @@ def _pool_at_the_end_token(tokenizer, encoder) -> None:
             module.eos_token_id = end
 
 
-def _describe(widths: tuple[int, ...], xl: bool) -> str:
+def _describe(widths: tuple[int, ...], xl: bool) -> tuple[str, str]:
+    """Embeddings of these widths, for "x is <one>" and "this model takes <many>": "an embedding for
+    SD 1.x (768 features)" and "SD 1.x embeddings (768 features)", or "an embedding of 64 features"
+    and "embeddings of 64 features" for a width no family has."""
     family = "SDXL" if xl else _FAMILY_BY_WIDTH.get(widths[0])
     sizes = " and ".join(map(str, widths))
-    return f"{family} ({sizes} features)" if family else f"vectors of {sizes} features"
+    if family:
+        return f"an embedding for {family} ({sizes} features)", f"{family} embeddings ({sizes} features)"
+    return f"an embedding of {sizes} features", f"embeddings of {sizes} features"
 
 
 def _add_slots(tokenizer, encoder, slots: list[str]) -> list[int]:

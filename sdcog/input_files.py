@@ -56,10 +56,9 @@ def local_urls_allowed(environ: Mapping[str, str] = os.environ) -> bool:
     return environ.get(ALLOW_LOCAL_URLS_ENV, "").strip().lower() in {"1", "true", "yes"}
 
 
-def _too_large(field: str, size: int, limit: int) -> InputError:
-    return InputError(
-        field, f"is {size / 1e6:.1f} MB or more; the limit is {limit / 1e6:g} MB ({MAX_INPUT_MB_ENV})"
-    )
+def _too_large(field: str, size: int, limit: int, setting: str = MAX_INPUT_MB_ENV) -> InputError:
+    """The refusal of a file over `limit`, naming the operator's `setting` that sets it."""
+    return InputError(field, f"is {size / 1e6:.1f} MB or more; the limit is {limit / 1e6:g} MB ({setting})")
 
 
 def _check_host(field: str, url: httpx.URL, allow_local: bool) -> None:
@@ -96,10 +95,12 @@ def fetch_url_to(
     limit: int | None = None,
     allow_local: bool | None = None,
     headers: Mapping[str, str] | None = None,
+    setting: str = MAX_INPUT_MB_ENV,
 ) -> int:
     """Stream an https URL's body into `sink` under the size limit and timeouts; the size written.
 
     `headers` (a token) are sent to the URL's own host only, never to a host it redirects to.
+    `setting`: the operator's setting that `limit` comes from, named when a body is over it.
     """
     limit = max_input_bytes() if limit is None else limit
     allow_local = local_urls_allowed() if allow_local is None else allow_local
@@ -124,12 +125,12 @@ def fetch_url_to(
                         raise InputError(field, f"fetching {shown} answered HTTP {response.status_code}")
                     declared = int(response.headers.get("content-length") or 0)
                     if declared > limit:
-                        raise _too_large(field, declared, limit)
+                        raise _too_large(field, declared, limit, setting)
                     size = 0
                     for chunk in response.iter_bytes(_CHUNK):
                         size += len(chunk)
                         if size > limit:
-                            raise _too_large(field, size, limit)
+                            raise _too_large(field, size, limit, setting)
                         if time.monotonic() > deadline:
                             raise InputError(field, f"fetching {shown} took over {TOTAL_TIMEOUT_S:g} s")
                         sink.write(chunk)
@@ -146,14 +147,14 @@ def _without_query(url: httpx.URL) -> str:
     return str(url.copy_with(query=None, fragment=None))
 
 
-def decode_data_uri(field: str, uri: str, limit: int | None = None) -> bytes:
-    """The bytes of a `data:[<type>][;base64],<data>` URI, under the size limit."""
+def decode_data_uri(field: str, uri: str, limit: int | None = None, setting: str = MAX_INPUT_MB_ENV) -> bytes:
+    """The bytes of a `data:[<type>][;base64],<data>` URI, under the size limit (`setting` names it)."""
     limit = max_input_bytes() if limit is None else limit
     header, separator, payload = uri.partition(",")
     if not separator:
         raise InputError(field, "is a data URI without a comma before its data")
     if len(payload) * 3 // 4 > limit:
-        raise _too_large(field, len(payload) * 3 // 4, limit)
+        raise _too_large(field, len(payload) * 3 // 4, limit, setting)
     if header.endswith(";base64"):
         try:
             return base64.b64decode(payload, validate=False)

@@ -26,6 +26,7 @@ from pathlib import Path
 import transformers
 from diffusers import DiffusionPipeline
 from diffusers.models.attention_processor import FusedAttnProcessor2_0
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from sdcog.adapter_cache import AdapterFile
@@ -100,7 +101,11 @@ class LoraAdapters:
             self.loaded.move_to_end(name)
             return name
         started = time.perf_counter()
-        state_dict = load_file(file.path)
+        try:
+            state_dict = load_file(file.path)
+        except (SafetensorError, OSError) as error:
+            file.reject()
+            raise InputError(LORA.field, f"{file.name}: cannot read it as safetensors: {error}") from error
         # transformers reports every newly added LoRA layer of a text encoder as "MISSING" from
         # a checkpoint; diffusers fills them from the state dict right after, so that is noise.
         verbosity = transformers.logging.get_verbosity()
@@ -111,11 +116,13 @@ class LoraAdapters:
                 self.pipeline.load_lora_weights(state_dict, adapter_name=name)
         except (ValueError, KeyError, RuntimeError, TypeError) as error:
             self._forget(name)
+            file.reject()  # the cache forgets a file this request stored: nothing is left behind
             raise InputError(LORA.field, f"{file.name} is not a LoRA for this model: {error}") from error
         finally:
             transformers.logging.set_verbosity(verbosity)
         if name not in self._adapter_names():
             self._forget(name)
+            file.reject()
             raise InputError(
                 LORA.field,
                 f"{file.name}: none of its {len(state_dict)} tensors matches a layer of this model "

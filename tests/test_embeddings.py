@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hostile_archives import data_uri
 from lora_files import StaticServer
 from safetensors.torch import save, save_file
 
@@ -19,7 +20,8 @@ from sdcog.adapter_cache import AdapterCache, AdapterFile
 from sdcog.cancellation import CancelFlag, Cancelled
 from sdcog.engine import Engine
 from sdcog.errors import InputError
-from sdcog.outputs import generation_infotext, parse_infotext_fields
+from sdcog.infotext import parse_infotext_fields
+from sdcog.outputs import generation_infotext
 from sdcog.prompt_encoding import text_encoders
 from sdcog.request import resolve_request
 
@@ -192,6 +194,36 @@ def test_a_file_that_is_no_embedding_for_this_model_fails_naming_the_field(
         generate(engine, [(good, None), (adapter_file(path), token)], prompt="good")
     assert error.value.field == "embeddings"
     assert_same_state(before, state_of(engine))  # nothing added: every file is checked first
+
+
+@pytest.mark.parametrize(
+    ("width", "made_for"),
+    [(768, "an embedding for SD 1.x (768 features)"), (48, "an embedding of 48 features")],
+)
+def test_an_embedding_of_another_width_is_refused_in_plain_words(sd15, tmp_path, width, made_for):
+    """The tiny model's width (32) is no family's: "this model takes vectors of 32 features
+    embeddings", it read before."""
+    save_file({"emb_params": torch.zeros(2, width)}, tmp_path / "wide.safetensors")
+    with pytest.raises(InputError) as error:
+        generate(sd15, [(adapter_file(tmp_path / "wide.safetensors"), None)], prompt="wide")
+    assert str(error.value) == f"embeddings: wide is {made_for}; this model takes embeddings of 32 features"
+
+
+def test_a_fetched_file_that_is_no_embedding_for_this_model_is_not_kept_in_the_cache(sd15, tmp_path):
+    """Issue 16: a file that passed the cache's safetensors check and failed to load stayed."""
+    cache = AdapterCache(tmp_path / "adapters", max_bytes=10**9, max_file_bytes=10**8)
+    good, wide = tmp_path / "good.safetensors", tmp_path / "wide.safetensors"
+    embedding_file(good, sd15, seed=9)
+    save_file({"emb_params": torch.zeros(2, 768)}, wide)
+    references = [f"good={data_uri(good.read_bytes())}", f"wide={data_uri(wide.read_bytes())}"]
+    request = resolve_request(sd15.limits, prompt="good wide", embeddings=", ".join(references))
+    files = cache.fetch_embeddings(request.embeddings)
+    with pytest.raises(InputError, match="inline is an embedding for SD 1.x") as error:
+        generate(sd15, files, prompt="good wide")
+    assert error.value.field == "embeddings"
+    kept = {path.name for path in cache.root.glob("*.safetensors")}
+    assert kept == {f"{hashlib.sha256(good.read_bytes()).hexdigest()}.safetensors"}
+    assert len(json.loads((cache.root / "references.json").read_text())) == 1
 
 
 def test_two_embeddings_may_not_share_a_word(sd15, tmp_path):

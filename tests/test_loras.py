@@ -16,6 +16,7 @@ import numpy as np
 import psutil
 import pytest
 import torch
+from hostile_archives import bomb, data_uri, safetensors_header
 from lora_files import StaticServer, make_lora
 from safetensors.torch import save
 
@@ -27,8 +28,9 @@ from sdcog.cog_server import running_server
 from sdcog.engine import Engine
 from sdcog.errors import InputError
 from sdcog.families import SD1
+from sdcog.infotext import parse_infotext_fields
 from sdcog.loras import LoraAdapters, tensor_data_hash
-from sdcog.outputs import generation_infotext, parse_infotext_fields, read_infotext
+from sdcog.outputs import generation_infotext, read_infotext
 from sdcog.request import ModelLimits, resolve_request
 from sdcog.weights import PROJECT_ROOT
 
@@ -71,6 +73,7 @@ def server(lora_files):
             archive.addfile(info, io.BytesIO(data))
     files = dict(lora_files)
     files["/model.ckpt"] = pickled.getvalue()
+    files["/truncated.safetensors"] = safetensors_header(1000) + bytes(10)  # the header fits, not the data
     files["/owner/style-model/_weights"] = tar.getvalue()
     served = StaticServer(files)
     yield served
@@ -187,15 +190,32 @@ def limits_for_sd15():
         ("/model.ckpt", "is not a safetensors file; only safetensors weights are loaded"),
         ("/missing.safetensors", "answered HTTP 404"),
         ("/xl.safetensors", "is not a LoRA for this model"),
+        ("/EasyNegative.safetensors", "EasyNegative is not a LoRA for this model"),
+        ("/truncated.safetensors", "cannot read it as safetensors"),
     ],
 )
 def test_a_bad_lora_fails_the_request_naming_the_field(sd15, cache, server, path, message):
     with pytest.raises(InputError, match=message) as error:
         generate(sd15, cache, f"{server.url}{path}")
     assert error.value.field == "lora_weights"
+    # Nothing left behind: a file stored for this request that failed to load is forgotten (issue 16).
+    index = cache.root / "references.json"
+    assert not list(cache.root.glob("*.safetensors"))
+    assert not index.exists() or json.loads(index.read_text()) == {}
     base, _ = generate(sd15, cache)
     again, _ = generate(sd15, cache)
     assert np.array_equal(base, again)
+
+
+def test_a_bomb_under_the_limit_is_stored_then_forgotten_when_it_is_no_lora(sd15, tmp_path):
+    """Issue 16: a small .tar.xz unpacking to a safetensors file of zeros passed every check, was
+    stored in the cache, failed to load as a LoRA, and stayed."""
+    cache = AdapterCache(tmp_path / "adapters", max_bytes=10**9, max_file_bytes=10**6)
+    with pytest.raises(InputError, match="inline is not a LoRA for this model") as error:
+        generate(sd15, cache, data_uri(bomb("xz", unpacked_mb=0.5)))
+    assert error.value.field == "lora_weights" and cache.downloads == 1
+    assert sorted(path.name for path in cache.root.iterdir()) == ["references.json"]
+    assert json.loads((cache.root / "references.json").read_text()) == {}
 
 
 def test_private_addresses_are_refused_unless_the_operator_allows_them(cache, monkeypatch):
@@ -347,6 +367,10 @@ def test_through_the_http_server_loras_and_embeddings_are_fetched_once_and_named
     assert "TI hashes" not in outputs[0] and "TI hashes" not in outputs[2]
     assert not_an_embedding["status"] == "failed" and "embeddings" in not_an_embedding["error"]
     assert "is it a LoRA" in not_an_embedding["error"]
+    # The server stored that file for the failed prediction, then forgot it (issue 16).
+    other_hash = hashlib.sha256(lora_files["/other.safetensors"]).hexdigest()
+    assert not (tmp_path / "adapters" / f"{other_hash}.safetensors").exists()
+    assert other_hash not in (tmp_path / "adapters" / "references.json").read_text()
     assert with_token["status"] == "succeeded", with_token.get("error")
     headers = [headers for path, headers in server.requests if path == "/owner/style-model/_weights"][-1]
     assert headers.get("Authorization") == f"Bearer {secret}"
