@@ -77,7 +77,18 @@ def _digest(python: str) -> str:
 
 def _pip(python: Path, *arguments: str) -> None:
     result = subprocess.run(
-        [str(python), "-m", "pip", "install", "--no-input", *arguments],
+        # --no-compile: byte-compiling torch and transformers at install time is most of the
+        # build's CPU time; the few modules a test imports are compiled when first imported.
+        [
+            str(python),
+            "-m",
+            "pip",
+            "install",
+            "--no-input",
+            "--no-compile",
+            "--disable-pip-version-check",
+            *arguments,
+        ],
         cwd=ROOT,
         capture_output=True,
         text=True,

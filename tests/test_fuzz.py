@@ -9,6 +9,15 @@ time, so a second concurrent one would get 409):
   succeed; valid inputs with one or two fields made invalid, whose refusal must name one of those
   fields; and a free mix of omitted, valid, invalid and context-dependent values of every field.
 
+Then two phases of hostile inputs, one family per defect class found by trying the server as a
+hostile user would (issue 16): `hostile_inputs` (deeply nested and very long weighted prompts,
+compressed, nested and many-member archives in lora_weights and embeddings, image container formats,
+header bombs and bit depths, a seed past 2^32-1, schedulers at their step limits), each answered
+within HOSTILE_LIMIT_S; and prediction ids of every kind sent through deploy/front.py, the sample
+deployment's front, which admits the documented id rule and refuses the rest with 422 naming `id`
+(sent to the bare server, a hostile id wedges it: tests/test_stuck_slot.py). At the end the server
+gives the same output for the same request as at the start, and the adapter cache holds nothing.
+
 Each request waits for /health-check to say READY first (see `Fuzzer.wait_until_ready`). Every
 answer must be: no 5xx, no 409 (requests are sequential: busy means a leaked slot), within
 REQUEST_TIMEOUT_S (else it hung), and every refusal names a field: a 422's `detail[].loc` is
@@ -30,7 +39,10 @@ import base64
 import functools
 import io
 import json
+import os
 import re
+import subprocess
+import sys
 import time
 import urllib.parse
 from collections import Counter
@@ -41,6 +53,21 @@ import httpx
 import numpy as np
 import pytest
 import schemathesis
+from hostile_archives import hostile_archives
+from hostile_ids import HOSTILE_IDS, NON_STRING_IDS, VALID_IDS
+from hostile_images import (
+    CLAIMING,
+    REFUSED_FORMATS,
+    animated,
+    float_tiff,
+    grey16_mask_png,
+    grey16_png,
+    ico_bomb,
+    int32_tiff,
+    lab_tiff,
+    mpo_file,
+)
+from hostile_prompts import HOSTILE_PROMPTS
 from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -65,6 +92,8 @@ HYPOTHESIS_VALID = 120
 HYPOTHESIS_INVALID = 250
 HYPOTHESIS_MIXED = 180
 MIN_REQUESTS = 1000
+HOSTILE_ID_EXAMPLES = 60
+"""Generated ids sent through the front, besides every known hostile one (tests/hostile_ids.py)."""
 
 SIZE_FIELDS = ("width", "height")
 STEPS = "num_inference_steps"
@@ -502,6 +531,98 @@ def curated_invalid_inputs() -> list[tuple[dict[str, Any], set[str]]]:
     return cases
 
 
+# -- hostile inputs: one family per defect class of issue 16 ---------------------------------------
+
+HOSTILE_LIMIT_S = 10.0
+"""A hostile input is answered within this (each is refused from a header, a count or a length;
+the ones that run are 1-step generations): the quadratic prompt parser took 55 s, the ICO bomb
+decoded 177 megapixels first."""
+
+
+def _bytes_uri(data: bytes, media_type: str = "application/octet-stream") -> str:
+    return f"data:{media_type};base64,{base64.b64encode(data).decode()}"
+
+
+def hostile_inputs() -> list[tuple[str, dict[str, Any], set[str] | None]]:
+    """(label, input, the fields its refusal must name; None: it must succeed), each in a cheap
+    text-to-image or image-to-image request."""
+    base = {"width": 64, "height": 64, STEPS: 1}
+    cases: list[tuple[str, dict[str, Any], set[str] | None]] = []
+    for name, (prompt, outcome) in HOSTILE_PROMPTS.items():
+        for field_name in ("prompt", "negative_prompt"):
+            expected = {field_name} if outcome == "refused" else None
+            cases.append((f"{field_name}: {name}", {**base, field_name: prompt}, expected))
+    long_lines = "a cat\nNegative prompt: x\nSteps: 999, Sampler: X, Seed: 1\n" * 10
+    cases.append(("prompt: forged infotext lines", {**base, "prompt": long_lines}, None))
+    cases.append(
+        (
+            "jpg: prompts beyond 64 KB of EXIF",
+            {
+                **base,
+                "prompt": "\u4e2d" * 19_000,
+                "negative_prompt": "\u4e2d" * 19_000,
+                "output_format": "jpg",
+            },
+            {"output_format"},
+        )
+    )
+    cases.append(("seed: the last image past 2^32-1", {**base, "seed": 2**32 - 1, NUM_OUTPUTS: 2}, {"seed"}))
+    cases.append(("scheduler: PNDM at 1 step", {**base, "scheduler": "PNDM"}, None))
+    cases.append(("scheduler: LCM past 50 steps", {**base, "scheduler": "LCM", STEPS: 51}, {STEPS}))
+    images = {
+        "an ICO wrapping a 13300x13300 PNG": (ico_bomb(), {IMAGE}),
+        **{
+            f"a {kind} claiming 20000x20000": (claim(20_000, 20_000), {IMAGE})
+            for kind, claim in CLAIMING.items()
+        },
+        **{f"a {kind} file": (build(), {IMAGE}) for kind, build in REFUSED_FORMATS.items()},
+        "a 16-bit grey PNG": (grey16_png(32768, (64, 64)), None),
+        "a float TIFF": (float_tiff(0.5, (64, 64)), None),
+        "an int32 TIFF": (int32_tiff(2**30, (64, 64)), None),
+        "a CIELab TIFF": (lab_tiff(50, (64, 64)), None),
+        "an animated GIF": (animated("GIF"), None),
+        "an animated WebP": (animated("WEBP"), None),
+        "an APNG": (animated("PNG"), None),
+        "an MPO": (mpo_file(), None),
+    }
+    for name, (data, expected) in images.items():
+        cases.append((f"image: {name}", {**base, IMAGE: _bytes_uri(data), STRENGTH: 1.0}, expected))
+    for field_name in (LORA_WEIGHTS, EMBEDDINGS):  # the server runs with SDCOG_MAX_ADAPTER_MB=1
+        for name, uri in hostile_archives(field_name).items():
+            cases.append((f"{field_name}: {name}", {**base, field_name: uri}, {field_name}))
+    grey = image_uri(64, 64)
+    for name, (left, right, expected) in {
+        "a 16-bit mask white at 1000/65535": (1000, 1000, {MASK}),
+        "a 16-bit mask half white": (0, 60000, None),
+    }.items():
+        mask = _bytes_uri(grey16_mask_png(left, right, (64, 64)))
+        cases.append((f"mask: {name}", {**base, IMAGE: grey, MASK: mask, STRENGTH: 1.0}, expected))
+    return cases
+
+
+def fuzz_hostile_inputs(fuzzer: Fuzzer) -> None:
+    phase = "hostile inputs"
+    for label, inputs, expected in hostile_inputs():
+        if fuzzer.aborted:
+            return
+        started = time.monotonic()
+        verdict = fuzzer.post_json(phase, {"input": inputs})
+        elapsed = time.monotonic() - started
+        fuzzer.expect(phase, verdict, inputs, succeed=expected is None, names=expected)
+        if elapsed > HOSTILE_LIMIT_S:
+            fuzzer.problems.append(f"[{phase}] {label}: answered after {elapsed:.1f} s")
+
+
+def hostile_ids() -> st.SearchStrategy[Any]:
+    """Prediction ids for a body: the known hostile ones, arbitrary text, and valid ones."""
+    return st.one_of(
+        st.sampled_from([*HOSTILE_IDS.values(), *NON_STRING_IDS.values()]),
+        st.text(max_size=300),
+        st.from_regex(r"[A-Za-z0-9_-]{1,64}", fullmatch=True),
+        st.sampled_from(list(VALID_IDS.values())),
+    )
+
+
 # -- sending and judging ---------------------------------------------------------------------------
 
 FAILED_WRAPPING = re.compile(r"^(?:Prediction failed: )+(?:InputError: )?")
@@ -757,7 +878,12 @@ def written_schema():
 
 
 @pytest.fixture(scope="module")
-def fuzz_server(written_schema, tiny_sd15, tmp_path_factory):
+def adapter_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("adapters")
+
+
+@pytest.fixture(scope="module")
+def fuzz_server(written_schema, tiny_sd15, adapter_cache):
     # Private and link-local URLs (10.0.0.1, 169.254.169.254) are among the inputs: make sure the
     # server refuses them rather than fetching, whatever the environment says.
     # One torch thread: the tiny model gains nothing from two, and while another torch process is
@@ -769,10 +895,61 @@ def fuzz_server(written_schema, tiny_sd15, tmp_path_factory):
         "OMP_NUM_THREADS": "1",
         "HF_ENDPOINT": f"https://{LOOPBACK_CLOSED_PORT}",
         "SDCOG_REPLICATE_ENDPOINT": f"https://{LOOPBACK_CLOSED_PORT}",
-        "SDCOG_ADAPTER_CACHE": str(tmp_path_factory.mktemp("adapters")),
+        "SDCOG_ADAPTER_CACHE": str(adapter_cache),
+        "SDCOG_MAX_ADAPTER_MB": "1",  # tests/hostile_archives.py's archives are sized for it
     }
     with running_server(PROJECT_ROOT, env=env) as server:
         yield server
+
+
+@pytest.fixture(scope="module")
+def fuzz_front(fuzz_server):
+    """deploy/front.py (the sample deployment's front, which holds prediction ids to the documented
+    rule) before the fuzz server; yields its URL."""
+    command = [
+        sys.executable,
+        str(PROJECT_ROOT / "deploy" / "front.py"),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+    ]
+    process = subprocess.Popen(
+        command, env={**os.environ, "PORT": str(fuzz_server.port)}, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        banner = process.stdout.readline()  # "front on 127.0.0.1:<port>, to 127.0.0.1:<server port>"
+        port = re.search(r"127\.0\.0\.1:(\d+),", banner)[1]
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        process.wait(timeout=15)
+
+
+def fuzz_ids_through_the_front(fuzzer: Fuzzer, front_url: str) -> None:
+    """Bodies with every kind of `id`, sent through the front: an id the rule admits runs, any other
+    is refused with 422 naming `id`, and the server never sees it (it would wedge or escape)."""
+    phase = "ids through the front"
+    through = Fuzzer(front_url, known=fuzzer.known, client=fuzzer.client)
+    cheap = {"width": 64, "height": 64, STEPS: 1}
+
+    @settings(max_examples=HOSTILE_ID_EXAMPLES, **FUZZ_SETTINGS)
+    @given(prediction_id=hostile_ids())
+    def send_id(prediction_id):
+        if through.aborted:
+            return
+        body = {"id": prediction_id, "input": cheap}
+        valid = isinstance(prediction_id, str) and re.fullmatch(r"[A-Za-z0-9_-]{1,64}", prediction_id)
+        verdict = through.post_json(phase, body)
+        through.expect(phase, verdict, cheap, succeed=bool(valid), names=None if valid else {"id"})
+
+    for value in [*HOSTILE_IDS.values(), *NON_STRING_IDS.values()]:
+        send_id = example(prediction_id=value)(send_id)
+    send_id()
+    fuzzer.problems += through.problems
+    fuzzer.aborted = fuzzer.aborted or through.aborted
+    fuzzer.by_phase[phase] = through.counts
+    fuzzer.counts.update(through.counts)
 
 
 class _FuzzFigures:
@@ -819,7 +996,7 @@ def fuzz_with_schemathesis(fuzzer: Fuzzer, operation, mode: GenerationMode, exam
 
 
 def test_fuzz_the_server_with_1000_inputs_no_5xx_every_refusal_names_the_field(
-    fuzz_server, written_schema, request
+    fuzz_server, fuzz_front, adapter_cache, written_schema, request
 ):
     served = httpx.get(f"{fuzz_server.url}/openapi.json", timeout=10).json()
     assert served["paths"] == written_schema["paths"], "GET /openapi.json lacks the paths cog build writes"
@@ -876,9 +1053,15 @@ def test_fuzz_the_server_with_1000_inputs_no_5xx_every_refusal_names_the_field(
                 "hypothesis mixed", fuzzer.post_json("hypothesis mixed", {"input": inputs}), inputs
             )
 
+    reference_input = {"prompt": "a red circle", "seed": 5, "width": 64, "height": 64, STEPS: 2}
+    before = fuzzer.client.post(
+        f"{fuzz_server.url}/predictions", json={"input": reference_input}, timeout=REQUEST_TIMEOUT_S
+    ).json()
     valid()
     invalid()
     mixed()
+    fuzz_hostile_inputs(fuzzer)
+    fuzz_ids_through_the_front(fuzzer, fuzz_front)
 
     lines = _report(fuzzer, time.monotonic() - started)
     print("\n" + "\n".join(lines))
@@ -899,6 +1082,12 @@ def test_fuzz_the_server_with_1000_inputs_no_5xx_every_refusal_names_the_field(
     assert fuzzer.counts["5xx"] == 0, fuzzer.counts
     assert alive, f"the server exited with {fuzz_server.process.returncode}"
     assert ready and fuzz_server.health()["status"] == READY
+    after = fuzzer.client.post(
+        f"{fuzz_server.url}/predictions", json={"input": reference_input}, timeout=REQUEST_TIMEOUT_S
+    ).json()
+    assert after["status"] == "succeeded" and after["output"] == before["output"]  # nothing leaked
+    # Every adapter reference sent was refused: nothing it fetched or unpacked stays on disk.
+    assert sorted(path.name for path in adapter_cache.iterdir()) in ([], ["references.json"])
 
 
 @pytest.mark.xfail(
