@@ -375,8 +375,12 @@ def load_both(directory: Path, device: torch.device, sync: Callable[[], None]) -
 def common_scheduler(plain: Any) -> str:
     """The project's name for the model's own scheduler, so both paths run the same steps; where it
     has none, the project's default, which the plain pipeline then gets too."""
-    own = type(plain.scheduler).__name__
-    same = (name for name, spec in SCHEDULERS.items() if (spec.class_name, spec.overrides) == (own, {}))
+    own, config = type(plain.scheduler).__name__, plain.scheduler.config
+    same = (
+        name
+        for name, spec in SCHEDULERS.items()
+        if spec.class_name == own and all(config.get(key) == value for key, value in spec.overrides.items())
+    )
     scheduler = next(same, DEFAULT_SCHEDULER)
     if SCHEDULERS[scheduler].class_name != own:
         plain.scheduler = SCHEDULERS[scheduler].build(plain.scheduler.config)

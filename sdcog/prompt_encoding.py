@@ -97,6 +97,10 @@ class PromptEncoder:
     def parse(self, field: str, prompt: str, expand: Callable[[str], str] | None = None) -> ParsedPrompt:
         """`prompt` without its attention syntax, counted; `expand` rewrites each fragment's text (the
         request's embeddings' words into their tokens)."""
+        # Without leading and trailing whitespace in Python's sense, which takes in the separators
+        # \x1c-\x1f: CLIP would read those as tokens, and the infotext (whose readers strip each
+        # line) could not give them back. Other whitespace there makes no token either way.
+        prompt = prompt.strip()
         try:
             fragments = parse_weighted_prompt(prompt)
         except PromptSyntaxError as error:

@@ -140,7 +140,7 @@ FORGERIES = [
 
 @given(
     prompt=st.one_of(
-        st.sampled_from(FORGERIES),
+        st.sampled_from([*FORGERIES, "\x1c", "\x1fa cat\x1e", "a\x1cb"]),
         st.lists(
             st.sampled_from(list('ab ,:\n\r\u2028\x85\x1c\t"'))
             | st.sampled_from(["Negative prompt:", "Steps: 9", "Seed: 1", "Size: 8x8", "Sampler: X"])
@@ -158,8 +158,10 @@ def test_no_prompt_changes_the_parameters_automatic1111_reads(prompt, negative, 
     def tokens(text):
         return clip_tokenizer(text, add_special_tokens=False).input_ids
 
-    assert tokens(read_prompt) == tokens(prompt)
-    assert tokens(read_negative) == tokens(negative)
+    # What the model reads: the prompt without leading and trailing whitespace (Python's, with the
+    # separators \x1c-\x1f, which CLIP alone would read as tokens); see PromptEncoder.parse.
+    assert tokens(read_prompt) == tokens(prompt.strip())
+    assert tokens(read_negative) == tokens(negative.strip())
 
 
 @pytest.mark.parametrize("output_format", ["png", "jpg", "webp"])

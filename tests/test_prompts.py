@@ -125,6 +125,13 @@ def test_any_prompt_is_read_or_refused_in_linear_time(engines, name, field):
     assert time.perf_counter() - started < 1.0  # the quadratic parser: 1.2 s at 6,000 brackets
 
 
+def test_the_model_reads_what_the_infotext_can_give_back(engines):
+    """Leading and trailing separators (\\x1c-\\x1f) would be CLIP tokens that the infotext's
+    readers strip: the model reads the prompt without them (tests/test_outputs.py: the infotext)."""
+    parse = engines["sd15"].prompts.parse
+    assert parse("prompt", "\x1c a red\x1ecircle \x1f\n").text == "a red\x1ecircle"
+
+
 def test_weights_past_the_limit_are_refused_and_nesting_multiplies():
     assert parse_weighted_prompt("(" * 48 + "a" + ")" * 48)[0].weight == pytest.approx(1.1**48)
     with pytest.raises(PromptSyntaxError, match=f"over {MAX_WEIGHT:g}"):
