@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from sdcog.random_pipelines import save_pipeline
+from sdcog_tools.random_pipelines import save_pipeline
 
 TINY_PRESETS = ("tiny-sd15", "tiny-sdxl")
 

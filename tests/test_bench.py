@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from sdcog import bench, bench_report
+from sdcog_tools import bench, bench_report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

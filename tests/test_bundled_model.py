@@ -1,7 +1,7 @@
 """The bundled shapes model as an oracle: what random weights cannot show.
 
 The model (models/shapes-sd, trained by script/train-bundled-model) draws one coloured shape on
-a coloured background; `sdcog.shapes.judge` reads its images back by fixed rules. Every threshold
+a coloured background; `sdcog_tools.shapes.judge` reads its images back by fixed rules. Every threshold
 below was set from a measured value with a margin, and says which value; the measured figures
 are printed at the end of the test run ("shapes oracle").
 """
@@ -13,11 +13,12 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from sdcog.adherence import measure_adherence
 from sdcog.engine import Engine
 from sdcog.request import resolve_request
 from sdcog.schedulers import SCHEDULER_NAMES
-from sdcog.shapes import (
+from sdcog.weights import BUNDLED_MODEL_DIR
+from sdcog_tools.adherence import measure_adherence
+from sdcog_tools.shapes import (
     COLOURS,
     HELD_OUT_SCENES,
     SHAPES,
@@ -27,7 +28,6 @@ from sdcog.shapes import (
     nearest_colours,
     render,
 )
-from sdcog.weights import BUNDLED_MODEL_DIR
 
 SEEDS = (0, 1, 2, 3)
 

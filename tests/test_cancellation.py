@@ -10,9 +10,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import httpx
 import pytest
 
-from sdcog.cog_schema import write_schema
-from sdcog.cog_server import running_server
 from sdcog.weights import PROJECT_ROOT
+from sdcog_tools.cog_schema import write_schema
+from sdcog_tools.cog_server import running_server
 
 TQDM_LINE = re.compile(r"(\d+)%\|[^|]*\| (\d+)/(\d+) \[")
 # Long enough to cancel in the middle: 400 steps at 128x128 take tens of seconds on a CPU.

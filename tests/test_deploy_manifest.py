@@ -32,9 +32,9 @@ import yaml
 from test_workflows import dockerignore_patterns, ignored
 
 from sdcog import liveness
-from sdcog.cog_schema import write_schema
-from sdcog.cog_server import free_port, running_server
 from sdcog.weights import BUNDLED_MODEL_DIR, PROJECT_ROOT
+from sdcog_tools.cog_schema import write_schema
+from sdcog_tools.cog_server import free_port, running_server
 
 MANIFEST = PROJECT_ROOT / "deploy" / "kubernetes.yaml"
 IMAGE_ROOT = "/src/"  # where `cog build` copies the project (its Dockerfile: WORKDIR /src, COPY . /src)

@@ -74,11 +74,11 @@ from PIL import Image
 from schemathesis import GenerationMode
 from schemathesis.core import NotSet
 
-from sdcog.cog_schema import input_properties, write_schema
-from sdcog.cog_server import READY, running_server
 from sdcog.families import SD1
 from sdcog.request import OUTPAINT_FIELDS
 from sdcog.weights import PROJECT_ROOT
+from sdcog_tools.cog_schema import input_properties, write_schema
+from sdcog_tools.cog_server import READY, running_server
 
 REQUEST_TIMEOUT_S = 60
 """A cheap request answers in well under a second on 2 idle cores (a few seconds on a loaded

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sdcog.cog_schema import write_schema
-from sdcog.cog_server import ServerError, running_server
 from sdcog.infotext import parse_infotext_fields
 from sdcog.outputs import read_infotext
 from sdcog.request import SEED_MAX
 from sdcog.schedulers import SCHEDULER_NAMES
 from sdcog.weights import PROJECT_ROOT
+from sdcog_tools.cog_schema import write_schema
+from sdcog_tools.cog_server import ServerError, running_server
 
 FAST = {"prompt": "a red circle on a blue background", "width": 64, "height": 64, "num_inference_steps": 3}
 FORMATS = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}

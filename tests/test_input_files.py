@@ -12,12 +12,12 @@ import pytest
 from PIL import Image
 
 from sdcog import input_files
-from sdcog.cog_schema import write_schema
-from sdcog.cog_server import running_server
 from sdcog.errors import InputError
 from sdcog.images import open_image
 from sdcog.input_files import decode_data_uri, fetch_url, read_input_file
 from sdcog.weights import PROJECT_ROOT
+from sdcog_tools.cog_schema import write_schema
+from sdcog_tools.cog_server import running_server
 
 LIMIT = 100_000  # bytes, for the tests
 

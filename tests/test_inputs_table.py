@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from sdcog.cog_schema import PROJECT_ROOT, build_schema, load_predictor_info
-from sdcog.inputs_table import END_MARKER, START_MARKER, inputs_table, main, read_block, replace_block
+from sdcog_tools.cog_schema import PROJECT_ROOT, build_schema, load_predictor_info
+from sdcog_tools.inputs_table import END_MARKER, START_MARKER, inputs_table, main, read_block, replace_block
 
 README = PROJECT_ROOT / "README.md"
 

@@ -23,8 +23,6 @@ from safetensors.torch import save
 from sdcog import adapter_references
 from sdcog.acceleration import optimize_modules
 from sdcog.adapter_cache import AdapterCache, adapter_tokens
-from sdcog.cog_schema import write_schema
-from sdcog.cog_server import running_server
 from sdcog.engine import Engine
 from sdcog.errors import InputError
 from sdcog.families import SD1
@@ -33,6 +31,8 @@ from sdcog.loras import LoraAdapters, tensor_data_hash
 from sdcog.outputs import generation_infotext, read_infotext
 from sdcog.request import ModelLimits, resolve_request
 from sdcog.weights import PROJECT_ROOT
+from sdcog_tools.cog_schema import write_schema
+from sdcog_tools.cog_server import running_server
 
 pytestmark = pytest.mark.usefixtures("local_urls")
 

@@ -5,9 +5,11 @@ from collections import Counter
 
 import pytest
 
-from sdcog.cog_schema import write_schema
-from sdcog.cog_server import running_server
-from sdcog.memory_soak import (
+from sdcog.schedulers import SCHEDULER_NAMES
+from sdcog.weights import BUNDLED_MODEL_DIR, PROJECT_ROOT
+from sdcog_tools.cog_schema import write_schema
+from sdcog_tools.cog_server import running_server
+from sdcog_tools.memory_soak import (
     CYCLE_LENGTH,
     MODES,
     REFUSED,
@@ -22,8 +24,6 @@ from sdcog.memory_soak import (
     slope,
     summarize,
 )
-from sdcog.schedulers import SCHEDULER_NAMES
-from sdcog.weights import BUNDLED_MODEL_DIR, PROJECT_ROOT
 
 
 def test_one_cycle_runs_every_mode_at_every_size_every_scheduler_and_refused_inputs():

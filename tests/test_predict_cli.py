@@ -3,10 +3,10 @@
 import pytest
 from PIL import Image
 
-from sdcog import predict_cli
 from sdcog.outputs import read_infotext
-from sdcog.shapes import judge
 from sdcog.weights import DEFAULT_WEIGHTS_DIR
+from sdcog_tools import predict_cli
+from sdcog_tools.shapes import judge
 
 PROPERTIES = {
     "prompt": {"type": "string"},

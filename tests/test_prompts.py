@@ -12,8 +12,8 @@ from sdcog.errors import InputError
 from sdcog.prompt_encoding import MAX_PROMPT_TOKENS, WINDOW_TOKENS
 from sdcog.prompt_syntax import MAX_WEIGHT, Fragment, PromptSyntaxError, parse_weighted_prompt
 from sdcog.request import resolve_request
-from sdcog.shapes import judge
 from sdcog.weights import BUNDLED_MODEL_DIR
+from sdcog_tools.shapes import judge
 
 
 @pytest.mark.parametrize(

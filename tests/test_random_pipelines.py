@@ -10,7 +10,7 @@ from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusio
 from safetensors.torch import load_file
 from transformers import CLIPTokenizer
 
-from sdcog.random_pipelines import (
+from sdcog_tools.random_pipelines import (
     EOS,
     PRESETS,
     WORDS,

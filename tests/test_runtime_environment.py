@@ -27,8 +27,8 @@ from PIL import Image
 from runtime_env import BuildError, canonical, cog_config, pins, requirements_file, runtime_venv, sdk_version
 from test_workflows import dockerignore_patterns, ignored
 
-from sdcog.cog_schema import write_schema
-from sdcog.cog_server import running_server
+from sdcog_tools.cog_schema import write_schema
+from sdcog_tools.cog_server import running_server
 
 ROOT = Path(__file__).resolve().parent.parent
 COG_SDK = ("cog", "coglet")  # what `cog build` installs besides python_requirements
@@ -62,6 +62,15 @@ def _local_file(module: str) -> Path | None:
 def runtime_imports() -> dict[str, set[str]]:
     """Third-party top-level modules the predictor reaches -> the project files that import them,
     following the project's own modules from predict.py (so development tools stay out)."""
+    return _reached()[1]
+
+
+def runtime_files() -> set[str]:
+    """The project's own files the predictor reaches, from predict.py."""
+    return _reached()[0]
+
+
+def _reached() -> tuple[set[str], dict[str, set[str]]]:
     pending, seen, third_party = [ROOT / predictor_file()], set(), {}
     while pending:
         path = pending.pop()
@@ -74,7 +83,7 @@ def runtime_imports() -> dict[str, set[str]]:
                 pending.append(local)
             elif _local_file(top) is None and top not in sys.stdlib_module_names:
                 third_party.setdefault(top, set()).add(path.relative_to(ROOT).as_posix())
-    return third_party
+    return {path.relative_to(ROOT).as_posix() for path in seen}, third_party
 
 
 def run_in(venv: Path, code: str, cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -119,6 +128,12 @@ def test_every_module_the_predictor_imports_is_pinned_in_the_runtime_requirement
         f"imported at run time but not pinned in {requirements_file().name}, which is all `cog build` "
         f"installs besides the Cog SDK: {missing}"
     )
+
+
+def test_the_runtime_never_imports_the_development_tools():
+    reached = runtime_files()
+    assert "sdcog/engine.py" in reached
+    assert sorted(path for path in reached if not path.startswith("sdcog/") and path != "predict.py") == []
 
 
 # --- The environment itself --------------------------------------------------------------------
@@ -261,6 +276,6 @@ def test_the_environment_loads_the_trainer(venv, build_context):
     train = cog_config().get("train")
     if not train:
         pytest.skip("cog.yaml declares no `train:`: there is no trainer to run in the runtime environment")
-    code = f"from sdcog.cog_schema import load_predictor_info; load_predictor_info({train!r})"
+    code = f"from sdcog_tools.cog_schema import load_predictor_info; load_predictor_info({train!r})"
     result = run_in(venv, code, build_context)
     assert result.returncode == 0, f"{train} in the runtime environment:\n{result.stderr}"

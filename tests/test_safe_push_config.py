@@ -8,10 +8,10 @@ import jsonschema
 import pytest
 import yaml
 
-from sdcog.cog_schema import write_schema
-from sdcog.cog_server import running_server
-from sdcog.schema_compat import current_schema, input_properties
 from sdcog.weights import PROJECT_ROOT
+from sdcog_tools.cog_schema import write_schema
+from sdcog_tools.cog_server import running_server
+from sdcog_tools.schema_compat import current_schema, input_properties
 
 CONFIG = yaml.safe_load((PROJECT_ROOT / "cog-safe-push.yaml").read_text())
 CASES = CONFIG["predict"]["test_cases"]

@@ -5,8 +5,8 @@ import copy
 import pytest
 from diffusers import EulerDiscreteScheduler, PNDMScheduler
 
-from sdcog.random_pipelines import SD15_SCHEDULER
 from sdcog.schedulers import SCHEDULER_NAMES, SCHEDULERS, build_scheduler
+from sdcog_tools.random_pipelines import SD15_SCHEDULER
 
 SD15_CONFIG = PNDMScheduler.from_config(SD15_SCHEDULER).config
 SD2_V_CONFIG = EulerDiscreteScheduler(

@@ -11,8 +11,8 @@ from cog.input import FieldInfo
 
 import predict
 from sdcog import request as rules
-from sdcog.cog_schema import build_schema, load_predictor_info, main, write_schema
 from sdcog.schedulers import DEFAULT_SCHEDULER, SCHEDULER_NAMES
+from sdcog_tools.cog_schema import build_schema, load_predictor_info, main, write_schema
 
 
 @pytest.fixture(scope="module")

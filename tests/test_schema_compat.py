@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from sdcog.schema_compat import SNAPSHOT, breaking_changes, current_schema
+from sdcog_tools.schema_compat import SNAPSHOT, breaking_changes, current_schema
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,16 @@ import random
 import pytest
 from PIL import Image
 
-from sdcog.shapes import ALL_SCENES, COLOURS, HELD_OUT_SCENES, SHAPES, TRAIN_SCENES, Scene, judge, render
+from sdcog_tools.shapes import (
+    ALL_SCENES,
+    COLOURS,
+    HELD_OUT_SCENES,
+    SHAPES,
+    TRAIN_SCENES,
+    Scene,
+    judge,
+    render,
+)
 
 
 def test_held_out_prompts_are_a_fixed_fifth_never_in_training():

@@ -42,9 +42,9 @@ from test_deploy_manifest import (
 )
 
 from sdcog import liveness
-from sdcog.cog_schema import write_schema
-from sdcog.cog_server import running_server
 from sdcog.weights import BUNDLED_MODEL_DIR, PROJECT_ROOT
+from sdcog_tools.cog_schema import write_schema
+from sdcog_tools.cog_server import running_server
 
 COGLET_PREDICTIONS = Path("/tmp/coglet/predictions")  # fixed in coglet 0.23.1
 FAST = {"prompt": "a red circle", "num_inference_steps": 2}

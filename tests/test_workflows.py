@@ -283,6 +283,7 @@ def test_dockerignore_keeps_what_the_container_runs(dockerignore):
     [
         ".venv/bin/python",
         ".git/HEAD",
+        "sdcog_tools/bench.py",
         ".github/workflows/ci.yaml",
         "tests/test_workflows.py",
         "sdcog/__pycache__/engine.cpython-311.pyc",

@@ -1,6 +1,6 @@
 """How often a model draws what the prompt asks for, in the shapes world.
 
-Each scene's caption is the prompt; `sdcog.shapes.judge` reads the image back. An image adheres
+Each scene's caption is the prompt; `sdcog_tools.shapes.judge` reads the image back. An image adheres
 when its object has the asked colour and shape; the background is counted separately.
 """
 
@@ -15,7 +15,7 @@ import torch
 
 from sdcog.engine import Engine
 from sdcog.request import resolve_request
-from sdcog.shapes import HELD_OUT_SCENES, Scene, judge
+from sdcog_tools.shapes import HELD_OUT_SCENES, Scene, judge
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ untimed warm-up, interleaved (every repetition reverses the previous one's order
   one call with default settings (the model's own scheduler: the project runs the same one);
 - project: `resolve_request` + `Engine.generate` + `write_outputs` (webp, quality 90), in-process;
 - predict: predict.py's `Predictor().predict(...)`, in-process, with its own loaded model;
-- http: POST /predictions to Cog's real server (`sdcog.cog_server`), end to end.
+- http: POST /predictions to Cog's real server (`sdcog_tools.cog_server`), end to end.
 Step-end timestamps (plain's callback_on_step_end; the engine's StepProgress.step) split a run into
 before the first step (text encoding, setup), the steps, and after the last (VAE decode, safety
 checker, PIL conversion, encoding and writing files). Setup is timed in fresh interpreters.
@@ -41,18 +41,18 @@ import torch
 from PIL import Image, ImageDraw
 
 from sdcog.acceleration import COMPILE_ENV, COMPILE_MODES, compile_mode
-from sdcog.bench_report import HTTP, PLAIN, PREDICT, PROJECT, format_report, plot, ratio, targets
 from sdcog.cancellation import on_generation_thread
-from sdcog.cog_schema import write_schema
-from sdcog.cog_server import running_server
 from sdcog.engine import Engine
 from sdcog.heap import HeapTrimmer
 from sdcog.outputs import write_outputs
 from sdcog.progress import StepProgress
-from sdcog.random_pipelines import PRESETS, save_pipeline
 from sdcog.request import resolve_request
 from sdcog.schedulers import DEFAULT_SCHEDULER, SCHEDULERS
 from sdcog.weights import PROJECT_ROOT, WEIGHTS_ENV
+from sdcog_tools.bench_report import HTTP, PLAIN, PREDICT, PROJECT, format_report, plot, ratio, targets
+from sdcog_tools.cog_schema import write_schema
+from sdcog_tools.cog_server import running_server
+from sdcog_tools.random_pipelines import PRESETS, save_pipeline
 
 MIB = 2**20
 PROMPT = "a red circle on a blue background"

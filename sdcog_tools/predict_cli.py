@@ -19,9 +19,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from sdcog.cog_schema import write_schema
-from sdcog.cog_server import running_server
 from sdcog.weights import PROJECT_ROOT
+from sdcog_tools.cog_schema import write_schema
+from sdcog_tools.cog_server import running_server
 
 SCHEMA_PATH = PROJECT_ROOT / ".cog" / "openapi_schema.json"
 PREDICTION_TIMEOUT_S = 3600.0

@@ -9,7 +9,8 @@ choices become `allOf` references to an enum component named after the input, `g
 become `minimum`/`maximum`, Optional inputs are `nullable`, and a `None` default on a
 non-Optional input means "required".
 
-    python -m sdcog.cog_schema [--ref predict.py:Predictor] [--output .cog/openapi_schema.json] [--check]
+    python -m sdcog_tools.cog_schema [--ref predict.py:Predictor] [--output .cog/openapi_schema.json]
+        [--check]
 """
 
 from __future__ import annotations
@@ -257,7 +258,9 @@ def write_schema(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sdcog.cog_schema", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m sdcog_tools.cog_schema", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument(
         "--ref", default=DEFAULT_REF, help="predictor reference (default predict.py:Predictor)"
     )

@@ -2,10 +2,10 @@
 
 The descriptions, defaults, ranges and choices live in one place, predict.py's `Input`
 declarations; this renders them as Markdown, from the schema `cog build` would write
-(`sdcog.cog_schema`), between two markers in the README. `tests/test_inputs_table.py` fails when
+(`sdcog_tools.cog_schema`), between two markers in the README. `tests/test_inputs_table.py` fails when
 the README's copy is out of date.
 
-    python -m sdcog.inputs_table [--ref predict.py:Predictor] [--write README.md]
+    python -m sdcog_tools.inputs_table [--ref predict.py:Predictor] [--write README.md]
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from sdcog.cog_schema import DEFAULT_REF, build_schema, input_properties, load_predictor_info
+from sdcog_tools.cog_schema import DEFAULT_REF, build_schema, input_properties, load_predictor_info
 
 START_MARKER = "<!-- inputs-table:start -->"
 END_MARKER = "<!-- inputs-table:end -->"
@@ -123,7 +123,7 @@ def replace_block(text: str, table: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m sdcog.inputs_table", description=__doc__.split("\n\n")[0]
+        prog="python -m sdcog_tools.inputs_table", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument("--ref", default=None, help="predictor reference (default predict.py:Predictor)")
     parser.add_argument(

@@ -43,10 +43,10 @@ from typing import Any
 import psutil
 from PIL import Image, ImageDraw
 
-from sdcog.cog_schema import write_schema
-from sdcog.cog_server import CogServer, running_server
 from sdcog.schedulers import SCHEDULER_NAMES
 from sdcog.weights import BUNDLED_MODEL_DIR, PROJECT_ROOT, WEIGHTS_ENV
+from sdcog_tools.cog_schema import write_schema
+from sdcog_tools.cog_server import CogServer, running_server
 
 SCHEMA_PATH = PROJECT_ROOT / ".cog" / "openapi_schema.json"
 MIB = 2**20

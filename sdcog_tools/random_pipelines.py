@@ -373,7 +373,7 @@ PRESETS: dict[str, Preset] = {
 
 README = """# Random-weight pipeline: {preset}
 
-{description}, built by `sdcog.random_pipelines` with seed {seed}.
+{description}, built by `sdcog_tools.random_pipelines` with seed {seed}.
 The weights are random: **its images are noise**. It exists to exercise loading and serving
 code (and, at real size, to measure speed) without downloading a model.
 """

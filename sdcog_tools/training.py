@@ -47,9 +47,9 @@ from diffusers.training_utils import compute_snr
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from transformers import CLIPTextModel
 
-from sdcog.random_pipelines import SD15_SCHEDULER, _text_config, _vae, make_tokenizer, write_vocab_files
-from sdcog.shapes import COLOURS, HELD_OUT_SCENES, IMAGE_SIZE, TRAIN_SCENES, Scene, render
 from sdcog.weights import BUNDLED_MODEL_DIR
+from sdcog_tools.random_pipelines import SD15_SCHEDULER, _text_config, _vae, make_tokenizer, write_vocab_files
+from sdcog_tools.shapes import COLOURS, HELD_OUT_SCENES, IMAGE_SIZE, TRAIN_SCENES, Scene, render
 
 LATENT_SIZE = IMAGE_SIZE // 8
 
@@ -279,10 +279,10 @@ by `script/train-bundled-model` on a procedural world: one coloured shape on a c
 
 - Colours: red, green, blue, yellow, purple, orange, white, black. Shapes: circle, square, triangle.
   Prompts are the captions, word for word: `a <colour> <shape> on a <colour> background`.
-- One colour/shape/background combination in five is held out of training (`sdcog.shapes`), so
+- One colour/shape/background combination in five is held out of training (`sdcog_tools.shapes`), so
   prompt adherence is measured on prompts the model never saw.
 - Native size 64x64 (8x8x4 latents); {parameters}.
-- Recipe (`sdcog.training.Recipe`): {recipe}.
+- Recipe (`sdcog_tools.training.Recipe`): {recipe}.
 - Trained in {minutes:.1f} minutes with {threads}; `training_curve.json` holds the loss curve.
 - Measured right after training on the {held_out} held-out prompts, 2 seeds each, with the
   serving defaults (DPM++ 2M Karras, 30 steps, guidance 7.5): {adherence}.
@@ -324,7 +324,7 @@ def train(recipe: Recipe, out: Path, device: str = "cpu", measure: bool = True) 
     (out / "training_curve.json").write_text(json.dumps(curve.points, indent=1) + "\n")
     adherence = "not measured"
     if measure:
-        from sdcog.adherence import measure_adherence
+        from sdcog_tools.adherence import measure_adherence
 
         adherence = measure_adherence(out, HELD_OUT_SCENES, device=device).summary()
         print(adherence, flush=True)

@@ -1,6 +1,6 @@
 """`script/bench`'s report: the speed targets, the printed table and the latency plot (PNG).
 
-Reads the JSON-ready record that `sdcog.bench.run_bench` returns; draws with Pillow alone.
+Reads the JSON-ready record that `sdcog_tools.bench.run_bench` returns; draws with Pillow alone.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ or secret input must keep its format. They run against `release/published-schema
 schema of the last release, so a breaking change fails the tests, not the users. After a
 release, `script/schema-snapshot` writes the released schema there.
 
-Usage: python -m sdcog.schema_compat [--write]   (compare with, or update, the snapshot)
+Usage: python -m sdcog_tools.schema_compat [--write]   (compare with, or update, the snapshot)
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import json
 import sys
 from typing import Any
 
-from sdcog.cog_schema import PROJECT_ROOT, build_schema, input_properties, load_predictor_info
+from sdcog_tools.cog_schema import PROJECT_ROOT, build_schema, input_properties, load_predictor_info
 
 SNAPSHOT = PROJECT_ROOT / "release" / "published-schema.json"
 
