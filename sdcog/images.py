@@ -16,9 +16,10 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageCms, ImageFilter, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageCms, ImageFilter, UnidentifiedImageError
 
 from sdcog.errors import InputError
+from sdcog.image_structure import check_exif, check_structure
 
 MASK_BLUR_PX = 4
 MAX_INPUT_PIXELS = 50_000_000
@@ -50,13 +51,18 @@ def open_image(field: str, data: bytes) -> Image.Image:
 
     Only ACCEPTED_FORMATS are opened, and the size in the file's header is checked before any
     pixel is decoded, so a small file that claims a huge image (a decompression bomb) costs
-    nothing. A file with several frames (GIF, APNG, WebP, MPO, multi-page TIFF) gives its first.
-    The result is "L", "LA", "RGB" or "RGBA", whatever the file held (see `to_8_bit`).
+    nothing. Its structure (chunks, segments, scans, blocks, strips) is counted first too, so a
+    file stuffed with millions of them is refused as cheaply (see sdcog.image_structure). A file
+    with several frames (GIF, APNG, WebP, MPO, multi-page TIFF) gives its first. The result is
+    "L", "LA", "RGB" or "RGBA", whatever the file held (see `to_8_bit`).
     """
     try:
+        check_structure(field, data)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused below instead
             image = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
+    except InputError:
+        raise
     except UnidentifiedImageError as error:
         name = _format_name(data)
         if name is not None:
@@ -81,14 +87,39 @@ def open_image(field: str, data: bytes) -> Image.Image:
             )
         rawmode = _rawmode(image)  # how the file stores its pixels; load() forgets it
         white_is_zero = _tiff_tag(image, _TIFF_PHOTOMETRIC) == 0
+        signed_8_bit = image.mode == "L" and _tiff_tag(image, _TIFF_SAMPLE_FORMAT) == 2
         try:
             image.load()
-            ImageOps.exif_transpose(image, in_place=True)
-        except _READ_ERRORS as error:
-            raise _unreadable(field, error) from error
-    if image.mode == "L" and _tiff_tag(image, _TIFF_SAMPLE_FORMAT) == 2:  # Pillow reads int8 as uint8
+            check_exif(field, image.info)  # before getexif parses it
+            image = _upright(image)
+        except InputError:
+            raise
+        except (*_READ_ERRORS, AttributeError, TypeError, KeyError, IndexError) as error:
+            raise _unreadable(field, error) from error  # metadata Pillow's own parser chokes on
+    if signed_8_bit:  # Pillow reads int8 as uint8
         image, rawmode = Image.fromarray(np.asarray(image).view(np.int8).astype(np.int32)), "I;8S"
     return to_8_bit(field, image, rawmode, white_is_zero)
+
+
+_EXIF_ORIENTATION = 0x0112
+_UPRIGHT = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+"""EXIF orientation -> the transpose that makes the image upright (as ImageOps.exif_transpose)."""
+
+
+def _upright(image: Image.Image) -> Image.Image:
+    """The image turned as its EXIF orientation says. Unlike ImageOps.exif_transpose, nothing of
+    the EXIF is rewritten (no output keeps it): Pillow's rewrite raised AttributeError on some
+    malformed GPS and Interop tags."""
+    method = _UPRIGHT.get(image.getexif().get(_EXIF_ORIENTATION))
+    return image if method is None else image.transpose(method)
 
 
 def _tiff_tag(image: Image.Image, tag: int) -> object:

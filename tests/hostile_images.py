@@ -17,6 +17,7 @@ import struct
 import zlib
 from collections.abc import Sequence
 
+import numpy as np
 from PIL import Image
 
 # -- PNG, by hand ----------------------------------------------------------------------------------
@@ -219,7 +220,6 @@ def tiff(
     if fill_order == 2:
         data = data.translate(bytes(int(f"{byte:08b}"[::-1], 2) for byte in range(256)))
 
-    data += b"\x00" * (len(data) % 2)  # the IFD that follows starts on a word boundary
     tags: list[tuple[int, int, Sequence[int]]] = [
         (256, _TIFF_LONG, [(claimed_size or (width, height))[0]]),
         (257, _TIFF_LONG, [(claimed_size or (width, height))[1]]),
@@ -241,22 +241,33 @@ def tiff(
         tags.append((338, _TIFF_SHORT, list(extra_samples)))
     if sample_format != 1:
         tags.append((339, _TIFF_SHORT, [sample_format] * len(bits)))
-    tags.sort()
+    packed = [(tag, kind, _tiff_values(kind, values, order)) for tag, kind, values in tags]
+    return _tiff_file(data, packed, order)
 
+
+def _tiff_values(kind: int, values: Sequence[int], order: str = "<") -> bytes:
+    return struct.pack(order + ("H" if kind == _TIFF_SHORT else "I") * len(values), *values)
+
+
+def _tiff_file(data: bytes, tags: Sequence[tuple[int, int, bytes]], order: str = "<") -> bytes:
+    """A TIFF of one IFD: the header, `data` (so a strip at offset 8 starts it), then the IFD of
+    `tags` (tag, SHORT or LONG, the values packed in `order`); values over 4 bytes follow it."""
+    data += b"\x00" * (len(data) % 2)  # the IFD that follows starts on a word boundary
     ifd_offset = 8 + len(data)
     out_of_line_offset = ifd_offset + 2 + 12 * len(tags) + 4
-    entries, out_of_line = b"", b""
-    for tag, kind, values in tags:
-        packed = struct.pack(order + ("H" if kind == _TIFF_SHORT else "I") * len(values), *values)
+    entries, out_of_line, out_of_line_size = [], [], 0
+    for tag, kind, packed in sorted(tags):
+        count = len(packed) // (2 if kind == _TIFF_SHORT else 4)
         if len(packed) <= 4:
             field = packed.ljust(4, b"\x00")
         else:
-            field = struct.pack(order + "I", out_of_line_offset + len(out_of_line))
-            out_of_line += packed
-        entries += struct.pack(order + "HHI", tag, kind, len(values)) + field
-    header = (b"MM\x00\x2a" if big_endian else b"II\x2a\x00") + struct.pack(order + "I", ifd_offset)
-    ifd = struct.pack(order + "H", len(tags)) + entries + struct.pack(order + "I", 0)
-    return header + data + ifd + out_of_line
+            field = struct.pack(order + "I", out_of_line_offset + out_of_line_size)
+            out_of_line.append(packed)
+            out_of_line_size += len(packed)
+        entries.append(struct.pack(order + "HHI", tag, kind, count) + field)
+    header = (b"MM\x00\x2a" if order == ">" else b"II\x2a\x00") + struct.pack(order + "I", ifd_offset)
+    ifd = struct.pack(order + "H", len(tags)) + b"".join(entries) + struct.pack(order + "I", 0)
+    return header + data + ifd + b"".join(out_of_line)
 
 
 def float_tiff(value: float, size: tuple[int, int] = (16, 16)) -> bytes:
@@ -410,4 +421,366 @@ def mpo_file() -> bytes:
     first, *rest = _frames()
     buffer = io.BytesIO()
     first.save(buffer, format="MPO", save_all=True, append_images=rest, quality=95)
+    return buffer.getvalue()
+
+
+# -- floods: files within the size limit stuffed with structure -----------------------------------
+
+FLOOD_BYTES = 31_900_000
+"""How large each flood is: just under SDCOG_MAX_INPUT_MB's default 32 MB (32,000,000 bytes)."""
+
+
+def _flooded(before: bytes, unit: bytes, after: bytes, size: int = FLOOD_BYTES) -> bytes:
+    """`before`, then `unit` repeated to make the file about `size` bytes, then `after`."""
+    return before + unit * ((size - len(before) - len(after)) // len(unit)) + after
+
+
+def png_chunk_flood(size: int = FLOOD_BYTES) -> bytes:
+    """A 1x1 PNG whose IHDR is followed by ~2.7 million empty private chunks (12 bytes each,
+    valid CRCs), then its pixels. Pillow reads each in Python while opening it (13 s, +309 MiB
+    here). Must be refused naming the field, in well under a second."""
+    data = png(1, 1)
+    return _flooded(data[:33], _chunk(b"prVt", b""), data[33:], size)
+
+
+def png_idat_flood(size: int = FLOOD_BYTES) -> bytes:
+    """A 1x1 PNG whose pixels come after ~2.7 million empty IDAT chunks (empty data chunks are
+    valid). Pillow walks them in Python while decoding (4.6 s here). Must be refused naming the
+    field, in well under a second."""
+    data = png(1, 1)
+    return _flooded(data[:33], _chunk(b"IDAT", b""), data[33:], size)
+
+
+def jpeg_marker_flood(size: int = FLOOD_BYTES) -> bytes:
+    """An 8x8 JPEG with ~8 million empty APP0 segments (4 bytes each) after its SOI. Pillow walks
+    the segments before the first scan in Python while opening it (18 s, +1.1 GiB here). Must
+    be refused naming the field, in well under a second."""
+    data = _saved("JPEG", (8, 8))
+    return _flooded(data[:2], b"\xff\xe0\x00\x02", data[2:], size)
+
+
+def jpeg_fill_flood(size: int = FLOOD_BYTES) -> bytes:
+    """An 8x8 JPEG whose first segment is preceded by ~32 million 0xFF fill bytes (which the
+    standard allows before any marker). Pillow reads them one at a time in Python (26 s, +121 MiB
+    here). Must be refused naming the field, in well under a second."""
+    data = _saved("JPEG", (8, 8))
+    return _flooded(data[:2], b"\xff", data[2:], size)
+
+
+def jpeg_scan_flood(size: int = FLOOD_BYTES) -> bytes:
+    """A 2000x2000 grey progressive JPEG whose last scan (an AC refinement, 36 bytes with its
+    Huffman table) is repeated ~900,000 times. libjpeg goes over every block of the image for each
+    scan (over 100 s here, hours in all). Must be refused naming the field, in well under a second."""
+    buffer = io.BytesIO()
+    Image.new("L", (2000, 2000), 128).save(buffer, format="JPEG", progressive=True)
+    data = buffer.getvalue()
+    last_scan = data.rindex(b"\xff\xc4")  # its Huffman table, then SOS, then 4 bytes of data
+    return _flooded(data[:last_scan], data[last_scan:-2], data[-2:], size)
+
+
+def _gif_blocks_start(data: bytes) -> int:
+    """Where a GIF's first block (extension or image) starts: after its header and palette."""
+    flags = data[10]
+    return 13 + (3 << ((flags & 7) + 1) if flags & 0x80 else 0)
+
+
+def gif_comment_flood(size: int = FLOOD_BYTES) -> bytes:
+    """A 32x32 GIF whose image follows ~6.4 million one-byte comment extensions (5 bytes each).
+    Pillow reads each in Python while opening it (5 s, +1.1 GiB here). Must be refused naming
+    the field, in well under a second."""
+    data = _saved("GIF")
+    start = _gif_blocks_start(data)
+    return _flooded(data[:start], b"!\xfe\x01X\x00", data[start:], size)
+
+
+def gif_sub_block_flood(size: int = FLOOD_BYTES) -> bytes:
+    """A 32x32 GIF whose image follows one application extension of ~16 million one-byte data
+    sub-blocks. Pillow reads each sub-block in Python while opening it (2.8 s here). Must be refused
+    naming the field, in well under a second."""
+    data = _saved("GIF")
+    start = _gif_blocks_start(data)
+    head = data[:start] + b"!\xff\x0bFLOODFLOOD1"
+    return _flooded(head, b"\x01X", b"\x00" + data[start:], size)
+
+
+def gif_junk_flood(size: int = FLOOD_BYTES) -> bytes:
+    """A 32x32 GIF whose image follows ~32 million stray bytes (neither an extension nor an
+    image). Pillow skips them one at a time in Python while opening it (3.8 s here). Must be
+    refused naming the field, in well under a second."""
+    data = _saved("GIF")
+    start = _gif_blocks_start(data)
+    return _flooded(data[:start], b"\x00", data[start:], size)
+
+
+def tiff_strip_flood(size: int = FLOOD_BYTES, *, rows: int | None = None) -> bytes:
+    """A 1-pixel-wide grey TIFF of ~4 million rows in one-row strips (their offsets all point at
+    the same byte); `rows` makes its header claim another height. Pillow decodes each strip
+    separately, in Python (30 s, +1.3 GiB here). Must be refused naming the field, in well
+    under a second."""
+    strips = (size - 200) // 8
+    rows_per_strip = [(278, _TIFF_LONG, _tiff_values(_TIFF_LONG, [1]))]
+    return _tiff_flood(1, strips if rows is None else rows, rows_per_strip, strips, 273, 279)
+
+
+def tiff_tile_flood(size: int = FLOOD_BYTES) -> bytes:
+    """A 16-pixel-wide grey TIFF of 16x16 tiles, as many as 50 megapixels allow (195,000; their
+    offsets all point at the same bytes). Pillow decodes each tile separately, in Python (1.8 s,
+    +152 MiB here). Must be refused naming the field, in well under a second."""
+    tiles = min((size - 200) // 8, 50_000_000 // 256)
+    tile_size = [
+        (322, _TIFF_LONG, _tiff_values(_TIFF_LONG, [16])),
+        (323, _TIFF_LONG, _tiff_values(_TIFF_LONG, [16])),
+    ]
+    return _tiff_flood(16, 16 * tiles, tile_size, tiles, 324, 325)
+
+
+def _tiff_flood(
+    width: int,
+    height: int,
+    layout: list[tuple[int, int, bytes]],
+    pieces: int,
+    offsets_tag: int,
+    counts_tag: int,
+) -> bytes:
+    """An uncompressed 8-bit grey TIFF of `pieces` strips or tiles that all read the same bytes."""
+    piece_bytes = 16 * 16 if offsets_tag == 324 else width
+    tags = [
+        (256, _TIFF_LONG, _tiff_values(_TIFF_LONG, [width])),
+        (257, _TIFF_LONG, _tiff_values(_TIFF_LONG, [height])),
+        (258, _TIFF_SHORT, _tiff_values(_TIFF_SHORT, [8])),
+        (259, _TIFF_SHORT, _tiff_values(_TIFF_SHORT, [1])),
+        (262, _TIFF_SHORT, _tiff_values(_TIFF_SHORT, [1])),
+        (277, _TIFF_SHORT, _tiff_values(_TIFF_SHORT, [1])),
+        (offsets_tag, _TIFF_LONG, struct.pack("<I", 8) * pieces),
+        (counts_tag, _TIFF_LONG, struct.pack("<I", piece_bytes) * pieces),
+        *layout,
+    ]
+    return _tiff_file(b"\x80" * piece_bytes, tags)
+
+
+def jpeg_table_flood(size: int = FLOOD_BYTES) -> bytes:
+    """An 8x8 JPEG whose SOI is followed by ~490 DQT segments of 1,000 quantization tables each
+    (64 kB apiece). Pillow parses each table in Python while opening it (3.1 s here). Must be
+    refused naming the field, in well under a second."""
+    data = _saved("JPEG", (8, 8))
+    tables = (b"\x00" + bytes(range(1, 65))) * 1000
+    return _flooded(data[:2], b"\xff\xdb" + struct.pack(">H", 2 + len(tables)) + tables, data[2:], size)
+
+
+def _exif_png(ifds: Sequence[Sequence[tuple[int, int, int, int]]], values: bytes = b"") -> bytes:
+    """A 64x32 grey PNG whose eXIf chunk holds little-endian IFDs (each entry: tag, type, count,
+    value or offset, where offset -1 is that of the IFD after it, -2 that of `values`)."""
+    sizes = [2 + 12 * len(entries) + 4 for entries in ifds]
+    starts = [8 + sum(sizes[:index]) for index in range(len(ifds))] + [8 + sum(sizes)]
+    blocks = []
+    for index, entries in enumerate(ifds):
+        fields = {-1: starts[index + 1], -2: starts[-1]}
+        packed = [
+            struct.pack("<HHII", tag, kind, count, fields.get(value, value))
+            for tag, kind, count, value in entries
+        ]
+        blocks.append(struct.pack("<H", len(entries)) + b"".join(packed) + struct.pack("<I", 0))
+    exif = b"II\x2a\x00" + struct.pack("<I", 8) + b"".join(blocks) + values
+    data = png(64, 32)
+    return data[:33] + _chunk(b"eXIf", exif) + data[33:]
+
+
+_ORIENTATION_ROTATE_90 = (0x0112, _TIFF_SHORT, 1, 6)  # makes exif_transpose rewrite the Exif
+
+
+def png_exif_tag_flood() -> bytes:
+    """A 64x32 PNG (1.5 MB) whose Exif block has 65,535 tags in its first IFD and 65,535 in the
+    Exif IFD it points to, and an orientation. ImageOps.exif_transpose reads and writes them all
+    in Python (5.3 s, +42 MiB here). Must be refused naming the field, in well under a second."""
+    first = [_ORIENTATION_ROTATE_90, (0x8769, _TIFF_LONG, 1, -1)]
+    others = [tag for tag in range(1, 65_536) if tag not in (0x0112, 0x8769)]
+    first += [(tag, _TIFF_LONG, 1, 1) for tag in others[:65_533]]
+    return _exif_png([sorted(first), [(tag, _TIFF_LONG, 1, 1) for tag in range(1, 65_536)]])
+
+
+def png_exif_fractions(count: int) -> bytes:
+    """A 64x32 PNG whose Exif block has an orientation and an XResolution of `count` fractions
+    (RATIONAL values) instead of one. ImageOps.exif_transpose makes an object of each and writes
+    it back (4 million: 15 s, +612 MiB here). Over 1,024 fractions (MAX_IFD_FRACTIONS) must be
+    refused naming the field, in well under a second."""
+    return _exif_png([[_ORIENTATION_ROTATE_90, (0x011A, 5, count, -2)]], struct.pack("<II", 72, 1) * count)
+
+
+def tiff_tag_flood(size: int = FLOOD_BYTES) -> bytes:
+    """A BigTIFF whose first IFD has ~1.6 million tags (20 bytes each; a BigTIFF counts them in 64
+    bits). Pillow reads each in Python while opening it (2.2 s here). Must be refused naming the
+    field, in well under a second."""
+    count = (size - 400) // 20
+    header = b"II\x2b\x00" + struct.pack("<HHQ", 8, 0, 16)
+    return header + struct.pack("<Q", count) + struct.pack("<HHQ8s", 0xC000, 3, 1, b"") * count + bytes(8)
+
+
+def tiff_number_flood(size: int = FLOOD_BYTES) -> bytes:
+    """An 8x8 palette TIFF whose colour map has ~16 million entries instead of 768 (a palette
+    has 3 x 256). Pillow unpacks it into a tuple and a list before checking its size (4.2 s,
+    +821 MiB here). Must be refused naming the field, in well under a second."""
+    count = (size - 400) // 2
+    tags = [
+        (256, _TIFF_LONG, _tiff_values(_TIFF_LONG, [8])),
+        (257, _TIFF_LONG, _tiff_values(_TIFF_LONG, [8])),
+        (258, _TIFF_SHORT, _tiff_values(_TIFF_SHORT, [8])),
+        (259, _TIFF_SHORT, _tiff_values(_TIFF_SHORT, [1])),
+        (262, _TIFF_SHORT, _tiff_values(_TIFF_SHORT, [3])),  # palette
+        (273, _TIFF_LONG, _tiff_values(_TIFF_LONG, [8])),
+        (277, _TIFF_SHORT, _tiff_values(_TIFF_SHORT, [1])),
+        (278, _TIFF_LONG, _tiff_values(_TIFF_LONG, [8])),
+        (279, _TIFF_LONG, _tiff_values(_TIFF_LONG, [64])),
+        (320, _TIFF_SHORT, struct.pack("<H", 40_000) * count),
+    ]
+    return _tiff_file(bytes(64), tags)
+
+
+def webp_chunk_flood(size: int = FLOOD_BYTES) -> bytes:
+    """A 32x32 lossless WebP (with a VP8X header) whose image follows ~4 million empty unknown
+    RIFF chunks (8 bytes each). libwebp keeps a record of each (0.4 s, +122 MiB here). Must be
+    refused naming the field, in well under a second."""
+    data = _saved("WEBP", lossless=True)  # RIFF, size, WEBP, then one VP8L chunk
+    vp8x = b"VP8X" + struct.pack("<I", 10) + bytes(4) + (31).to_bytes(3, "little") * 2
+    flooded = _flooded(data[:12] + vp8x, b"FLUD\x00\x00\x00\x00", data[12:], size)
+    return flooded[:4] + struct.pack("<I", len(flooded) - 8) + flooded[8:]
+
+
+def webp_frame_flood(size: int = FLOOD_BYTES) -> bytes:
+    """A 4x4 animated WebP of ~900,000 frames (ANMF chunks of ~35 bytes). libwebp keeps a record of
+    each (0.2 s, +59 MiB here). Must be refused naming the field, in well under a second."""
+    frames = [Image.new("RGB", (4, 4), colour) for colour in (RED, BLUE)]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, format="WEBP", save_all=True, append_images=frames[1:], lossless=True)
+    data = buffer.getvalue()
+    first = data.index(b"ANMF")
+    length = struct.unpack_from("<I", data, first + 4)[0]
+    frame = data[first : first + 8 + length + length % 2]
+    flooded = _flooded(data[:first], frame, data[first:], size)
+    return flooded[:4] + struct.pack("<I", len(flooded) - 8) + flooded[8:]
+
+
+FLOODS = {
+    "PNG chunks": png_chunk_flood,
+    "PNG empty IDAT chunks": png_idat_flood,
+    "PNG Exif tags": png_exif_tag_flood,
+    "JPEG segments": jpeg_marker_flood,
+    "JPEG fill bytes": jpeg_fill_flood,
+    "JPEG quantization tables": jpeg_table_flood,
+    "JPEG scans": jpeg_scan_flood,
+    "GIF comments": gif_comment_flood,
+    "GIF sub-blocks": gif_sub_block_flood,
+    "GIF stray bytes": gif_junk_flood,
+    "TIFF strips": tiff_strip_flood,
+    "TIFF tiles": tiff_tile_flood,
+    "TIFF tags": tiff_tag_flood,
+    "TIFF colour map": tiff_number_flood,
+    "WEBP chunks": webp_chunk_flood,
+    "WEBP frames": webp_frame_flood,
+}
+"""Name -> a builder of a file of an accepted format stuffed with structure (chunks, segments,
+scans, blocks, strips, tags), most of them ~32 MB: each must be refused naming the field, in
+well under a second, the process's memory growing by a few MB at most."""
+
+
+# -- real files with much structure: accepted, and cheap to scan ----------------------------------
+
+
+def png_in_small_chunks(side: int = 2000, chunk_size: int = 256) -> bytes:
+    """A `side` x `side` grey noise PNG written by Pillow, its pixel data split into IDAT chunks
+    of `chunk_size` bytes (~16,000 for the default), as streaming encoders write it. Must be
+    accepted, pixel for pixel, and its structure scanned in milliseconds."""
+    buffer = io.BytesIO()
+    Image.fromarray(noise((side, side))).save(buffer, format="PNG", compress_level=1)
+    data = buffer.getvalue()
+    first, after = data.index(b"IDAT") - 4, data.rindex(b"IEND") - 4
+    pixels, position = b"", first
+    while position < after:  # Pillow's own IDAT chunks, joined
+        length = struct.unpack_from(">I", data, position)[0]
+        pixels += data[position + 8 : position + 8 + length]
+        position += 12 + length
+    chunks = (
+        _chunk(b"IDAT", pixels[start : start + chunk_size]) for start in range(0, len(pixels), chunk_size)
+    )
+    return data[:first] + b"".join(chunks) + data[after:]
+
+
+def noise(shape: tuple[int, ...]) -> np.ndarray:
+    """Reproducible 8-bit noise, which compresses to about its own size."""
+    return np.random.default_rng(0).integers(0, 256, shape, np.uint8)
+
+
+def progressive_jpeg(mode: str = "RGB", size: tuple[int, int] = (256, 256)) -> bytes:
+    """A progressive JPEG of noise as Pillow (libjpeg) writes it: 6 scans in mode "L", 10 in
+    "RGB", 18 in "CMYK". Must be accepted."""
+    bands = len(mode)
+    buffer = io.BytesIO()
+    pixels = noise((size[1], size[0], bands) if bands > 1 else (size[1], size[0]))
+    Image.fromarray(pixels, mode).save(buffer, format="JPEG", progressive=True, quality=90)
+    return buffer.getvalue()
+
+
+def camera_jpeg() -> bytes:
+    """A 64x32 JPEG as a camera writes it: Exif with the usual tags, fractions and a GPS IFD,
+    orientation 6 (rotated 90 degrees), and an ICC profile split over several APP2 segments.
+    Must be accepted, turned upright (32x64)."""
+    exif = Image.Exif()
+    exif.update({0x010F: "Camera Maker", 0x0110: "Model 1", 0x0112: 6, 0x0131: "Firmware 1.0"})
+    exif.update({0x011A: 72.0, 0x011B: 72.0, 0x0128: 2, 0x0132: "2024:01:01 12:00:00"})
+    exif[0x8769] = {0x829A: 0.004, 0x829D: 2.8, 0x8827: 400, 0x9003: "2024:01:01 12:00:00"}
+    exif[0x8825] = {1: "N", 2: (48.0, 51.0, 24.0), 3: "E", 4: (2.0, 21.0, 3.0)}
+    buffer = io.BytesIO()
+    image = Image.fromarray(noise((32, 64, 3)), "RGB")
+    image.save(buffer, format="JPEG", exif=exif, icc_profile=b"\x00" * 200_000)  # 4 APP2 segments
+    return buffer.getvalue()
+
+
+def long_gif(frames: int = 300) -> bytes:
+    """A 32x32 GIF of `frames` frames (red, then alternately blue and red), looping, with a
+    comment. Must be accepted and read as its first frame, red; later frames are never read."""
+    first, *rest = [Image.new("RGB", (32, 32), (RED, BLUE)[index % 2]) for index in range(frames)]
+    buffer = io.BytesIO()
+    first.save(buffer, format="GIF", save_all=True, append_images=rest, loop=0, comment=b"made here")
+    return buffer.getvalue()
+
+
+def long_apng(frames: int = 4200) -> bytes:
+    """A 4x4 animated PNG of `frames` frames (red, then alternately blue and red): more frame
+    control chunks than MAX_PNG_CHUNKS, but Pillow reads none past the first frame's. Must be
+    accepted and read as its first frame, red."""
+    first, *rest = [Image.new("RGB", (4, 4), (RED, BLUE)[index % 2]) for index in range(frames)]
+    buffer = io.BytesIO()
+    first.save(buffer, format="PNG", save_all=True, append_images=rest, duration=40)
+    return buffer.getvalue()
+
+
+def many_page_tiff(pages: int = 50) -> bytes:
+    """A TIFF of `pages` 32x32 pages (red, then alternately blue and red). Must be accepted and
+    read as its first page, red."""
+    first, *rest = [Image.new("RGB", (32, 32), (RED, BLUE)[index % 2]) for index in range(pages)]
+    buffer = io.BytesIO()
+    first.save(buffer, format="TIFF", save_all=True, append_images=rest)
+    return buffer.getvalue()
+
+
+def tiff_in_row_strips(rows: int = 2000, compression: str | None = None) -> bytes:
+    """A 1000 x `rows` grey noise TIFF in one-row strips (`rows` strips), uncompressed (written
+    here: Pillow writes one strip) or with `compression` ("tiff_lzw"..., written by Pillow). Must
+    be accepted, pixel for pixel."""
+    pixels = noise((rows, 1000))
+    if compression is None:
+        offsets = (8 + 1000 * np.arange(rows, dtype="<u4")).tobytes()
+        tags = [
+            (256, _TIFF_LONG, _tiff_values(_TIFF_LONG, [1000])),
+            (257, _TIFF_LONG, _tiff_values(_TIFF_LONG, [rows])),
+            (258, _TIFF_SHORT, _tiff_values(_TIFF_SHORT, [8])),
+            (259, _TIFF_SHORT, _tiff_values(_TIFF_SHORT, [1])),
+            (262, _TIFF_SHORT, _tiff_values(_TIFF_SHORT, [1])),
+            (273, _TIFF_LONG, offsets),
+            (277, _TIFF_SHORT, _tiff_values(_TIFF_SHORT, [1])),
+            (278, _TIFF_LONG, _tiff_values(_TIFF_LONG, [1])),
+            (279, _TIFF_LONG, struct.pack("<I", 1000) * rows),
+        ]
+        return _tiff_file(pixels.tobytes(), tags)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="TIFF", compression=compression, strip_size=1000)
     return buffer.getvalue()

@@ -11,12 +11,13 @@ time, so a second concurrent one would get 409):
 
 Then two phases of hostile inputs, one family per defect class found by trying the server as a
 hostile user would (issue 16): `hostile_inputs` (deeply nested and very long weighted prompts,
-compressed, nested and many-member archives in lora_weights and embeddings, image container formats,
-header bombs and bit depths, a seed past 2^32-1, schedulers at their step limits), each answered
-within HOSTILE_LIMIT_S; and prediction ids of every kind sent through deploy/front.py, the sample
-deployment's front, which admits the documented id rule and refuses the rest with 422 naming `id`
-(sent to the bare server, a hostile id wedges it: tests/test_stuck_slot.py). At the end the server
-gives the same output for the same request as at the start, and the adapter cache holds nothing.
+compressed, nested and many-member archives in lora_weights and embeddings, image container
+formats, header bombs, structure floods and bit depths, a seed past 2^32-1, schedulers at their
+step limits), each answered within HOSTILE_LIMIT_S; and prediction ids of every kind sent through
+deploy/front.py, the sample deployment's front, which admits the documented id rule and refuses
+the rest with 422 naming `id` (sent to the bare server, a hostile id wedges it:
+tests/test_stuck_slot.py). At the end the server gives the same output for the same request as at
+the start, and the adapter cache holds nothing.
 
 Each request waits for /health-check to say READY first (see `Fuzzer.wait_until_ready`). Every
 answer must be: no 5xx, no 409 (requests are sequential: busy means a leaked slot), within
@@ -57,6 +58,7 @@ from hostile_archives import hostile_archives
 from hostile_ids import HOSTILE_IDS, NON_STRING_IDS, VALID_IDS
 from hostile_images import (
     CLAIMING,
+    FLOODS,
     REFUSED_FORMATS,
     animated,
     float_tiff,
@@ -576,6 +578,7 @@ def hostile_inputs() -> list[tuple[str, dict[str, Any], set[str] | None]]:
             for kind, claim in CLAIMING.items()
         },
         **{f"a {kind} file": (build(), {IMAGE}) for kind, build in REFUSED_FORMATS.items()},
+        **{f"a flood of {name} (~32 MB)": (build(), {IMAGE}) for name, build in FLOODS.items()},
         "a 16-bit grey PNG": (grey16_png(32768, (64, 64)), None),
         "a float TIFF": (float_tiff(0.5, (64, 64)), None),
         "an int32 TIFF": (int32_tiff(2**30, (64, 64)), None),

@@ -7,16 +7,22 @@ import io
 import json
 import math
 import os
+import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from hostile_images import (
+    _ORIENTATION_ROTATE_90,
     CLAIMING,
+    FLOODS,
     REFUSED_FORMATS,
+    _exif_png,
     animated,
+    camera_jpeg,
     float_tiff,
     grey12_tiff,
     grey16_mask_png,
@@ -25,15 +31,24 @@ from hostile_images import (
     int16_signed_tiff,
     int32_tiff,
     lab_tiff,
+    long_apng,
+    long_gif,
+    many_page_tiff,
     mpo_file,
     png,
+    png_exif_fractions,
+    png_in_small_chunks,
+    progressive_jpeg,
     rgb16_png,
     tiff,
+    tiff_in_row_strips,
+    tiff_strip_flood,
 )
-from PIL import Image, TiffImagePlugin
+from PIL import Image, ImageOps, TiffImagePlugin
 
 from sdcog.errors import InputError
 from sdcog.families import SD1
+from sdcog.image_structure import check_structure
 from sdcog.images import ACCEPTED_FORMATS, as_rgb, binary_mask, open_image, to_8_bit
 from sdcog.request import ModelLimits, resolve_request
 
@@ -59,38 +74,60 @@ def grey_of(data, field="image"):
 # -- decompression bombs: refused from the header, in a fresh process to measure its memory --------
 
 MEASURE = r"""
-import json, re, sys, time
+import json, re, signal, sys, time
 import hostile_images
 from sdcog.errors import InputError
 from sdcog.images import open_image
 
+class TookTooLong(BaseException):  # not an Exception: nothing on the way catches it
+    pass
+
+def took_too_long(signal_number, frame):
+    raise TookTooLong
+
 def refused(data):
+    signal.alarm(SECONDS_ALLOWED)
     try:
         open_image("image", data)
     except InputError as error:
         return str(error)
+    except TookTooLong:
+        return f"still reading it after {SECONDS_ALLOWED} s"
+    finally:
+        signal.alarm(0)
     return None
 
 def peak_mib():  # VmHWM: ru_maxrss would start at the parent's RSS, kept across exec
     return int(re.search(r"VmHWM:\s*(\d+) kB", open("/proc/self/status").read())[1]) / 1024
 
+def reset_peak():  # so that building a file does not hide what reading it takes
+    try:
+        with open("/proc/self/clear_refs", "w") as refs:
+            refs.write("5")
+    except OSError:
+        pass
+
+SECONDS_ALLOWED = 5
+signal.signal(signal.SIGALRM, took_too_long)
 refused(hostile_images.ico_file())  # warm up: Pillow imports its plugins on first use
 results = []
 for expression in json.loads(sys.argv[1]):
     data = eval(expression, vars(hostile_images))
+    reset_peak()
     peak = peak_mib()
     start = time.perf_counter()
     message = refused(data)
     seconds = time.perf_counter() - start
     grown_mib = peak_mib() - peak
     results.append({"message": message, "seconds": seconds, "grown_mib": grown_mib, "bytes": len(data)})
+    del data
 print(json.dumps(results))
 """
 
 
 def measured_refusals(expressions):
-    """Each hostile_images expression's file through open_image in a fresh process: the refusal,
-    its time, and how much the process's peak RSS grew meanwhile."""
+    """Each hostile_images expression's file through open_image in a fresh process: the refusal
+    (or None), its time (given up after 5 s), and how much the process's peak RSS grew meanwhile."""
     env = {**os.environ, "PYTHONPATH": f"{PROJECT_ROOT}:{PROJECT_ROOT / 'tests'}"}
     done = subprocess.run(
         [sys.executable, "-c", MEASURE, json.dumps(expressions)],
@@ -134,6 +171,111 @@ def test_a_large_image_within_the_limit_is_read():
     data = png(7000, 7000, (32768,), bit_depth=16)  # 49 megapixels in 0.1 MB
     image = open_image("image", data)
     assert image.size == (7000, 7000) and image.mode == "L" and image.getpixel((6999, 6999)) == 128
+
+
+# -- files stuffed with structure: refused from a bounded scan, before Pillow reads them ----------
+
+FLOOD_REFUSALS = {
+    "PNG chunks": "has over 4,096 PNG chunks besides image data",
+    "PNG empty IDAT chunks": "has over 65,536 PNG image data chunks",
+    "PNG Exif tags": "has 65,535 tags in one Exif IFD; the limit is 1,024",
+    "JPEG segments": "has over 4,096 JPEG segments",
+    "JPEG fill bytes": "has over 65,536 stray bytes between JPEG segments",
+    "JPEG quantization tables": "has over 1,000,000 bytes of JPEG headers and metadata",
+    "JPEG scans": "has over 24 JPEG scans",
+    "GIF comments": "has over 16,384 GIF blocks before its first image",
+    "GIF sub-blocks": "has over 16,384 GIF blocks before its first image",
+    "GIF stray bytes": "has over 16,384 GIF blocks before its first image",
+    "TIFF strips": "has 3,987,475 TIFF strips or tiles; the limit is 65,536",
+    "TIFF tiles": "has 195,312 TIFF strips or tiles; the limit is 65,536",
+    "TIFF tags": "has 1,594,980 tags in one TIFF IFD; the limit is 1,024",
+    "TIFF colour map": "has over 196,608 numbers in its TIFF tags",
+    "WEBP chunks": "has over 65,536 WebP chunks",
+    "WEBP frames": "has over 65,536 WebP chunks",
+}
+"""Why each of hostile_images.FLOODS is refused: "image: <this> (re-save it)"."""
+
+
+@pytest.fixture(scope="module")
+def flood_results():
+    return measured_refusals([f"FLOODS[{name!r}]()" for name in FLOODS])
+
+
+@pytest.mark.parametrize("name", sorted(FLOODS))
+def test_a_file_stuffed_with_structure_is_refused_quickly_naming_the_field(name, flood_results):
+    result = flood_results[f"FLOODS[{name!r}]()"]
+    # Before, Pillow read every chunk, segment, block, strip or tag (libjpeg every scan), one at a
+    # time: up to 30 s (the scans: hours) or +1.3 GiB here (see each builder's docstring), and it
+    # accepted most of them.
+    assert result["message"] == f"image: {FLOOD_REFUSALS[name]} (re-save it)", result
+    assert result["seconds"] < 1, result
+    assert result["grown_mib"] < 50, result
+
+
+def test_every_flood_is_named_here():
+    assert set(FLOOD_REFUSALS) == set(FLOODS)
+
+
+def test_an_exif_block_of_too_many_fractions_is_refused():
+    assert open_image("image", png_exif_fractions(1024)).size == (32, 64)  # turned upright
+    assert refusal("image", png_exif_fractions(1025)) == (
+        "image: has over 1,024 fractions in its Exif tags (re-save it)"
+    )
+
+
+def test_malformed_gps_and_interop_tags_beside_an_orientation_are_no_crash():
+    """Pillow's ImageOps.exif_transpose rewrites the Exif after turning the image, and raised
+    AttributeError ('IFDRational' object has no attribute 'encode') on these 175 bytes: a crash
+    naming no field. The image is now turned without rewriting anything."""
+    data = _exif_png(
+        [[_ORIENTATION_ROTATE_90, (0x8825, 4, 1, -1)], [(0x0001, 5, 1, -2)]], struct.pack("<II", 1, 2)
+    )
+    with Image.open(io.BytesIO(data)) as stored:
+        size = stored.size
+    assert open_image("image", data).size == size[::-1]
+
+
+def test_a_tiff_listing_more_strips_than_its_rows_need_is_refused():
+    data = tiff_strip_flood(8 * 1000 + 200, rows=1)  # 1,000 one-row strips for 1 row
+    assert refusal("mask", data) == "mask: has 1,000 TIFF strips where its 1x1 pixels need 1 (re-save it)"
+
+
+def _frames(data):
+    return Image.open(io.BytesIO(data)).n_frames
+
+
+def _strips(data):
+    return len(Image.open(io.BytesIO(data)).tag_v2[273])
+
+
+@pytest.mark.parametrize(
+    ("build", "pieces", "at_least"),
+    [
+        pytest.param(png_in_small_chunks, lambda data: data.count(b"IDAT"), 15_000, id="PNG-IDAT-chunks"),
+        pytest.param(long_apng, _frames, 4200, id="APNG-frames"),
+        pytest.param(
+            lambda: progressive_jpeg("L"), lambda data: data.count(b"\xff\xda"), 6, id="JPEG-grey-scans"
+        ),
+        pytest.param(progressive_jpeg, lambda data: data.count(b"\xff\xda"), 10, id="JPEG-scans"),
+        pytest.param(
+            lambda: progressive_jpeg("CMYK"), lambda data: data.count(b"\xff\xda"), 18, id="JPEG-CMYK-scans"
+        ),
+        pytest.param(camera_jpeg, lambda data: data.count(b"ICC_PROFILE"), 4, id="JPEG-Exif-ICC-segments"),
+        pytest.param(long_gif, _frames, 300, id="GIF-frames"),
+        pytest.param(many_page_tiff, _frames, 50, id="TIFF-pages"),
+        pytest.param(tiff_in_row_strips, _strips, 2000, id="TIFF-strips"),
+        pytest.param(lambda: tiff_in_row_strips(compression="tiff_lzw"), _strips, 2000, id="TIFF-LZW-strips"),
+    ],
+)
+def test_real_files_with_much_structure_are_read_and_cheap_to_scan(build, pieces, at_least):
+    data = build()
+    assert pieces(data) >= at_least
+    start = time.perf_counter()
+    check_structure("image", data)
+    assert time.perf_counter() - start < 0.2  # ~50 ms for the 16,000 IDAT chunks here
+    expected = ImageOps.exif_transpose(Image.open(io.BytesIO(data)).convert("RGB"))  # first frame
+    image = open_image("image", data)
+    assert np.array_equal(np.asarray(as_rgb(image)), np.asarray(expected))
 
 
 # -- formats --------------------------------------------------------------------------------------
