@@ -4,6 +4,10 @@ from pathlib import Path
 
 import pytest
 
+from sdcog import liveness
+from sdcog.weights import BUNDLED_MODEL_DIR, PROJECT_ROOT
+from sdcog_tools.cog_schema import write_schema
+from sdcog_tools.cog_server import running_server
 from sdcog_tools.random_pipelines import save_pipeline
 
 TINY_PRESETS = ("tiny-sd15", "tiny-sdxl")
@@ -31,6 +35,22 @@ def sd15(tiny_sd15):
     from sdcog.engine import Engine
 
     return Engine.load(tiny_sd15)
+
+
+@pytest.fixture(scope="module")
+def liveness_file(tmp_path_factory) -> Path:
+    """Where the model marks a running prediction for deploy/probe.py (one per test module)."""
+    return tmp_path_factory.mktemp("liveness") / "liveness.json"
+
+
+@pytest.fixture(scope="module")
+def liveness_server(liveness_file):
+    """Cog's server with the bundled model, marking its predictions in `liveness_file`; one per
+    test module (tests/test_stuck_slot.py leaves its own wedged)."""
+    write_schema(PROJECT_ROOT / ".cog" / "openapi_schema.json")
+    env = {"MODEL_WEIGHTS": str(BUNDLED_MODEL_DIR), liveness.LIVENESS_FILE_VARIABLE: str(liveness_file)}
+    with running_server(PROJECT_ROOT, env=env) as running:
+        yield running
 
 
 @pytest.fixture

@@ -32,9 +32,8 @@ import yaml
 from test_workflows import dockerignore_patterns, ignored
 
 from sdcog import liveness
-from sdcog.weights import BUNDLED_MODEL_DIR, PROJECT_ROOT
-from sdcog_tools.cog_schema import write_schema
-from sdcog_tools.cog_server import free_port, running_server
+from sdcog.weights import PROJECT_ROOT
+from sdcog_tools.cog_server import free_port
 
 MANIFEST = PROJECT_ROOT / "deploy" / "kubernetes.yaml"
 IMAGE_ROOT = "/src/"  # where `cog build` copies the project (its Dockerfile: WORKDIR /src, COPY . /src)
@@ -257,16 +256,8 @@ def test_every_probe_fails_when_nothing_answers(container, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def liveness_file(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("liveness") / "liveness.json"
-
-
-@pytest.fixture(scope="module")
-def server(liveness_file):
-    write_schema(PROJECT_ROOT / ".cog" / "openapi_schema.json")
-    env = {"MODEL_WEIGHTS": str(BUNDLED_MODEL_DIR), liveness.LIVENESS_FILE_VARIABLE: str(liveness_file)}
-    with running_server(PROJECT_ROOT, env=env) as running:
-        yield running
+def server(liveness_server):
+    return liveness_server
 
 
 def wait_for_status(server, wanted: str, timeout: float = 30) -> None:

@@ -42,9 +42,7 @@ from test_deploy_manifest import (
 )
 
 from sdcog import liveness
-from sdcog.weights import BUNDLED_MODEL_DIR, PROJECT_ROOT
-from sdcog_tools.cog_schema import write_schema
-from sdcog_tools.cog_server import running_server
+from sdcog.weights import PROJECT_ROOT
 
 COGLET_PREDICTIONS = Path("/tmp/coglet/predictions")  # fixed in coglet 0.23.1
 FAST = {"prompt": "a red circle", "num_inference_steps": 2}
@@ -60,16 +58,8 @@ def manifest() -> dict[str, dict]:
 
 
 @pytest.fixture(scope="module")
-def liveness_file(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("liveness") / "liveness.json"
-
-
-@pytest.fixture(scope="module")
-def server(liveness_file):
-    write_schema(PROJECT_ROOT / ".cog" / "openapi_schema.json")
-    env = {"MODEL_WEIGHTS": str(BUNDLED_MODEL_DIR), liveness.LIVENESS_FILE_VARIABLE: str(liveness_file)}
-    with running_server(PROJECT_ROOT, env=env) as running:
-        yield running
+def server(liveness_server):
+    return liveness_server
 
 
 @pytest.fixture(scope="module")
