@@ -22,11 +22,11 @@ from PIL import Image
 from sdcog.adapter_references import AdapterReference, parse_reference
 from sdcog.errors import InputError
 from sdcog.families import ModelFamily
-from sdcog.images import Outpaint, as_rgb, binary_mask, extend_canvas, round_to_multiple
+from sdcog.images import SIZE_MULTIPLE, Outpaint, as_rgb, binary_mask, extend_canvas, round_to_multiple
 from sdcog.infotext import JPEG_PROMPT_BYTES, prompt_lines_utf16_bytes
 from sdcog.schedulers import DEFAULT_SCHEDULER, SCHEDULER_NAMES
 
-SIZE_MIN, SIZE_MAX, SIZE_MULTIPLE = 64, 2048, 8
+SIZE_MIN, SIZE_MAX = 64, 2048
 NUM_OUTPUTS_MIN, NUM_OUTPUTS_MAX = 1, 4
 STEPS_MIN, STEPS_MAX = 1, 500
 GUIDANCE_MIN, GUIDANCE_MAX = 0.0, 30.0

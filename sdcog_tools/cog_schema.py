@@ -26,7 +26,8 @@ from typing import Any
 import cog
 from cog import _adt, _inspector
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+from sdcog.weights import PROJECT_ROOT
+
 DEFAULT_REF = "predict.py:Predictor"
 DEFAULT_OUTPUT = PROJECT_ROOT / ".cog" / "openapi_schema.json"
 
