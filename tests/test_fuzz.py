@@ -77,7 +77,7 @@ from schemathesis import GenerationMode
 from schemathesis.core import NotSet
 
 from sdcog.families import SD1
-from sdcog.request import OUTPAINT_FIELDS
+from sdcog.request import OUTPAINT_FIELDS, SEED_MAX
 from sdcog.weights import PROJECT_ROOT
 from sdcog_tools.cog_schema import input_properties, write_schema
 from sdcog_tools.cog_server import READY, running_server
@@ -450,6 +450,9 @@ def valid_inputs(draw, properties: dict[str, dict[str, Any]]) -> dict[str, Any]:
         inputs[IMAGE] = draw(square_image())
         # int(steps x prompt_strength) denoising steps run, and must be at least 1.
         inputs[STRENGTH] = draw(st.floats(min(1.0, 1 / steps + 1e-9), 1))
+    seed, count = inputs.get("seed"), inputs.get(NUM_OUTPUTS, 1)
+    if isinstance(seed, int) and seed + count - 1 > SEED_MAX:  # the last image's seed must be one too
+        inputs["seed"] = seed - (count - 1)
     if mode == "inpaint" or (mode == "outpaint" and draw(st.booleans())):
         inputs[MASK] = draw(VALID_MASK)
     if mode == "outpaint":

@@ -105,7 +105,7 @@ def test_pixel_budget_is_per_family_and_counts_outputs():
     scheduler=st.sampled_from(SCHEDULER_NAMES),
     seed=st.none() | st.integers(0, SEED_MAX),
 )
-def test_valid_inputs_resolve_or_fail_only_on_the_budget(
+def test_valid_inputs_resolve_or_fail_only_on_the_budget_or_the_batch_seed_range(
     width, height, num_outputs, steps, guidance, scheduler, seed
 ):
     arguments = dict(
@@ -120,6 +120,10 @@ def test_valid_inputs_resolve_or_fail_only_on_the_budget(
     )
     if width * height * num_outputs > SD1.pixel_budget:
         with pytest.raises(InputError):
+            resolve_request(SD15, **arguments)
+        return
+    if seed is not None and seed + num_outputs - 1 > SEED_MAX:  # the last image's seed must be one too
+        with pytest.raises(InputError, match="^seed: "):
             resolve_request(SD15, **arguments)
         return
     request = resolve_request(SD15, **arguments)
