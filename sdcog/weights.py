@@ -7,13 +7,15 @@ The model serves one diffusers-format pipeline directory (safetensors only):
   so a fresh clone generates real (if tiny) pictures with no download.
 
 Loading is always offline (`local_files_only`): the container never reaches the hub at boot.
-Checking a directory before loading it, and explaining a failed load, is sdcog/weights_check.py.
+Checking a directory before loading it, and explaining a failed load, is sdcog/weights_check.py,
+which words its errors with `remedy` from here.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,8 +31,8 @@ SOURCE_FILE = "sdcog-source.json"
 `"complete": false` while the download runs, so an interrupted one is recognised at setup."""
 
 FP16_VARIANT = "fp16"
-_WEIGHTS_SUFFIX = ".safetensors"
-_HUB_DOWNLOAD_DIR = Path(".cache") / "huggingface" / "download"
+WEIGHTS_SUFFIX = ".safetensors"
+HUB_DOWNLOAD_DIR = Path(".cache") / "huggingface" / "download"
 """Where huggingface_hub keeps its bookkeeping inside a `local_dir` download: `<file>.metadata`
 once a file is complete, `<hash>.<etag>[.<id>].incomplete` while it is being written."""
 
@@ -67,9 +69,7 @@ def resolve_weights_dir(environ: Mapping[str, str] = os.environ) -> Path:
         return directory
     if (DEFAULT_WEIGHTS_DIR / "model_index.json").is_file():
         return DEFAULT_WEIGHTS_DIR
-    if (DEFAULT_WEIGHTS_DIR / SOURCE_FILE).is_file() or (DEFAULT_WEIGHTS_DIR / _HUB_DOWNLOAD_DIR).is_dir():
-        from sdcog.weights_check import partial_download_error  # local: weights_check imports this module
-
+    if (DEFAULT_WEIGHTS_DIR / SOURCE_FILE).is_file() or (DEFAULT_WEIGHTS_DIR / HUB_DOWNLOAD_DIR).is_dir():
         raise partial_download_error(DEFAULT_WEIGHTS_DIR)
     if (BUNDLED_MODEL_DIR / "model_index.json").is_file():
         return BUNDLED_MODEL_DIR
@@ -82,7 +82,7 @@ def resolve_weights_dir(environ: Mapping[str, str] = os.environ) -> Path:
     )
 
 
-def _components(model_index: Mapping[str, object]) -> list[str]:
+def component_names(model_index: Mapping[str, object]) -> list[str]:
     """Component folders model_index.json names (like "unet": ["diffusers", "UNet2DConditionModel"])."""
     return [
         name
@@ -97,7 +97,7 @@ def _has_weights(component: str) -> bool:
 
 def _weight_files(component: str, files: list[str], variant: str | None) -> list[str]:
     """One component's safetensors files in the repo listing, of the given variant (None: full precision)."""
-    suffix = f".{variant}{_WEIGHTS_SUFFIX}" if variant else _WEIGHTS_SUFFIX
+    suffix = f".{variant}{WEIGHTS_SUFFIX}" if variant else WEIGHTS_SUFFIX
     return [
         name
         for name in files
@@ -128,7 +128,7 @@ def download_pipeline(
     if "model_index.json" not in files:
         raise WeightsError(f"{model_id} has no model_index.json: it is not a diffusers pipeline repo")
     index_file = api.hf_hub_download(model_id, "model_index.json", revision=info.sha)
-    components = _components(json.loads(Path(index_file).read_text(encoding="utf-8")))
+    components = component_names(json.loads(Path(index_file).read_text(encoding="utf-8")))
     weighted = [component for component in components if _has_weights(component)]
     variant = FP16_VARIANT if all(_weight_files(c, files, FP16_VARIANT) for c in weighted) else None
     patterns = ["model_index.json"]
@@ -149,3 +149,80 @@ def download_pipeline(
     )
     source_path.write_text(json.dumps(source, indent=2) + "\n", encoding="utf-8")
     return destination
+
+
+# -- what to run when a weights directory is incomplete (sdcog/weights_check.py words the rest) --
+
+Problem = tuple[str, Path | None]
+"""What is wrong, and the file to delete before fetching it again (None: nothing to delete)."""
+
+
+def _same_dir(first: Path, second: Path) -> bool:
+    try:
+        return first.resolve() == second.resolve()
+    except OSError:
+        return False
+
+
+def read_source(directory: Path) -> tuple[dict, Problem | None]:
+    """sdcog-source.json (empty when absent), and the problem when it does not parse."""
+    path = directory / SOURCE_FILE
+    if not path.is_file():
+        return {}, None
+    problem = json_problem(path)
+    if problem:
+        return {}, (problem, path)
+    source = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(source, dict):
+        return {}, (f"{path} is not a JSON object", path)
+    return source, None
+
+
+def what_to_run(directory: Path, source: Mapping[str, object], delete: str = "", purpose: str = "") -> str:
+    """What to run: restore the bundled model, or fetch the pipeline again (after deleting `delete`)."""
+    if _same_dir(directory, BUNDLED_MODEL_DIR):
+        return (
+            "Restore the bundled model with `git checkout -- models/shapes-sd`, or rebuild it with "
+            "`script/train-bundled-model`."
+        )
+    model_id = source.get("model_id")
+    command = f"script/download-weights {model_id or DEFAULT_MODEL_ID}"
+    if not _same_dir(directory, DEFAULT_WEIGHTS_DIR):
+        command += f" --dest {shlex.quote(str(directory))}"
+    origin = "" if model_id else " (or the hub repo id these weights came from)"
+    start = f"Delete {delete}, then run" if delete else "Run"
+    purpose = purpose or ("to fetch it again" if delete else "to fetch what is missing")
+    return f"{start} `{command}`{origin} {purpose}, or point {WEIGHTS_ENV} at a complete pipeline."
+
+
+def partial_download_error(directory: Path) -> WeightsError:
+    """What `resolve_weights_dir` raises for a weights/ that holds part of a download (an
+    sdcog-source.json or huggingface_hub's bookkeeping) but no model_index.json."""
+    source = read_source(directory)[0]
+    return WeightsError(
+        f"{directory / 'model_index.json'} is missing, but {directory} holds part "
+        f"of a download (an interrupted `script/download-weights`). "
+        f"{what_to_run(directory, source, purpose='to finish it')} To serve the bundled model "
+        f"instead, empty {directory} (keep its README.md)."
+    )
+
+
+def json_problem(path: Path) -> str | None:
+    """Why `path` is not a JSON file, or None."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        return f"{path} is not JSON (not even UTF-8 text)"
+    except OSError as error:
+        return f"{path} cannot be read ({error.strerror or error})"
+    if not text.strip():
+        return f"{path} is empty"
+    if text.lstrip().startswith("<"):
+        return f"{path} is an HTML/XML page, not JSON (an error page saved in the file's place)"
+    try:
+        json.loads(text)
+    except json.JSONDecodeError as error:
+        return (
+            f"{path} is not valid JSON ({error.msg} at line {error.lineno}, column {error.colno}: truncated?)"
+        )
+    return None

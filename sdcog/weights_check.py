@@ -3,9 +3,9 @@
 `inspect_weights` runs before diffusers reads anything and turns every damaged-directory case
 we know of into a WeightsError that names the file and the command that fixes it (see its
 docstring for what is and is not checked); `explain_load_error` does the same for a failure that
-still happens inside diffusers' `from_pretrained`; `partial_download_error` words the case
-`resolve_weights_dir` refuses: a weights/ that holds part of a download but no model_index.json.
-Where the weights are and how they are fetched is sdcog/weights.py.
+still happens inside diffusers' `from_pretrained`. Where the weights are, how they are fetched,
+and what to run when a directory is incomplete (`remedy`) is sdcog/weights.py, which this module
+builds on and never the other way round.
 """
 
 from __future__ import annotations
@@ -13,23 +13,24 @@ from __future__ import annotations
 import json
 import os
 import re
-import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
-from sdcog import weights
 from sdcog.weights import (
-    _HUB_DOWNLOAD_DIR,
-    _WEIGHTS_SUFFIX,
-    DEFAULT_MODEL_ID,
     FP16_VARIANT,
+    HUB_DOWNLOAD_DIR,
     SOURCE_FILE,
     WEIGHTS_ENV,
+    WEIGHTS_SUFFIX,
+    Problem,
     WeightsError,
     WeightsInfo,
-    _components,
+    component_names,
+    json_problem,
+    read_source,
+    what_to_run,
 )
 
 _UNSAFE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
@@ -69,68 +70,12 @@ _REQUIRED_CONFIG = {
 
 def _component_specs(model_index: Mapping[str, object]) -> list[_Component]:
     specs = []
-    for name in _components(model_index):
+    for name in component_names(model_index):
         value = model_index[name]
         library = str(value[0])
         class_name = str(value[1]) if len(value) > 1 else ""
         specs.append(_Component(name, library, class_name))
     return specs
-
-
-Problem = tuple[str, Path | None]
-"""What is wrong, and the file to delete before fetching it again (None: nothing to delete)."""
-
-
-def _same_dir(first: Path, second: Path) -> bool:
-    try:
-        return first.resolve() == second.resolve()
-    except OSError:
-        return False
-
-
-def _read_source(directory: Path) -> tuple[dict, Problem | None]:
-    """sdcog-source.json (empty when absent), and the problem when it does not parse."""
-    path = directory / SOURCE_FILE
-    if not path.is_file():
-        return {}, None
-    problem = _json_problem(path)
-    if problem:
-        return {}, (problem, path)
-    source = json.loads(path.read_text(encoding="utf-8"))
-    if not isinstance(source, dict):
-        return {}, (f"{path} is not a JSON object", path)
-    return source, None
-
-
-def _remedy(directory: Path, source: Mapping[str, object], delete: str = "", purpose: str = "") -> str:
-    """What to run: restore the bundled model, or fetch the pipeline again (after deleting `delete`)."""
-    # The two locations are read from sdcog.weights at call time, as when this code lived there: one
-    # setting for resolve_weights_dir and these messages, also when it is changed (tests patch it).
-    if _same_dir(directory, weights.BUNDLED_MODEL_DIR):
-        return (
-            "Restore the bundled model with `git checkout -- models/shapes-sd`, or rebuild it with "
-            "`script/train-bundled-model`."
-        )
-    model_id = source.get("model_id")
-    command = f"script/download-weights {model_id or DEFAULT_MODEL_ID}"
-    if not _same_dir(directory, weights.DEFAULT_WEIGHTS_DIR):
-        command += f" --dest {shlex.quote(str(directory))}"
-    origin = "" if model_id else " (or the hub repo id these weights came from)"
-    start = f"Delete {delete}, then run" if delete else "Run"
-    purpose = purpose or ("to fetch it again" if delete else "to fetch what is missing")
-    return f"{start} `{command}`{origin} {purpose}, or point {WEIGHTS_ENV} at a complete pipeline."
-
-
-def partial_download_error(directory: Path) -> WeightsError:
-    """What `resolve_weights_dir` raises for a weights/ that holds part of a download (an
-    sdcog-source.json or huggingface_hub's bookkeeping) but no model_index.json."""
-    source = _read_source(directory)[0]
-    return WeightsError(
-        f"{directory / 'model_index.json'} is missing, but {directory} holds part "
-        f"of a download (an interrupted `script/download-weights`). "
-        f"{_remedy(directory, source, purpose='to finish it')} To serve the bundled model "
-        f"instead, empty {directory} (keep its README.md)."
-    )
 
 
 def _weights_error(
@@ -139,32 +84,11 @@ def _weights_error(
     damaged = [path for _, path in problems if path is not None]
     if len(problems) == 1:
         delete = "it" if damaged else ""
-        return WeightsError(f"{problems[0][0]}. {_remedy(directory, source, delete, purpose)}")
+        return WeightsError(f"{problems[0][0]}. {what_to_run(directory, source, delete, purpose)}")
     delete = str(damaged[0]) if len(damaged) == 1 else "the damaged files named above" if damaged else ""
     listing = "\n".join(f"- {text}" for text, _ in problems)
-    remedy = _remedy(directory, source, delete, "to fetch what is missing" if damaged else purpose)
+    remedy = what_to_run(directory, source, delete, "to fetch what is missing" if damaged else purpose)
     return WeightsError(f"{directory} is not a complete pipeline:\n{listing}\n{remedy}")
-
-
-def _json_problem(path: Path) -> str | None:
-    """Why `path` is not a JSON file, or None."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        return f"{path} is not JSON (not even UTF-8 text)"
-    except OSError as error:
-        return f"{path} cannot be read ({error.strerror or error})"
-    if not text.strip():
-        return f"{path} is empty"
-    if text.lstrip().startswith("<"):
-        return f"{path} is an HTML/XML page, not JSON (an error page saved in the file's place)"
-    try:
-        json.loads(text)
-    except json.JSONDecodeError as error:
-        return (
-            f"{path} is not valid JSON ({error.msg} at line {error.lineno}, column {error.colno}: truncated?)"
-        )
-    return None
 
 
 def _hub_leftovers(directory: Path) -> list[Path]:
@@ -175,7 +99,7 @@ def _hub_leftovers(directory: Path) -> list[Path]:
     on an ordinary error or Ctrl-C; a killed process or a lost machine leaves it). A leftover whose
     etag a `<file>.metadata` in the same folder records was downloaded again afterwards: stale.
     """
-    download_dir = directory / _HUB_DOWNLOAD_DIR
+    download_dir = directory / HUB_DOWNLOAD_DIR
     if not download_dir.is_dir():
         return []
     finished: dict[Path, set[str]] = {}
@@ -314,7 +238,7 @@ def _weights_candidates(folder: Path, component: _Component, variant: str | None
     """The single file and the shard index diffusers/transformers look for, of the given variant."""
     infix = f".{variant}" if variant else ""
     stem = component.weights_stem
-    return folder / f"{stem}{infix}{_WEIGHTS_SUFFIX}", folder / f"{stem}{_WEIGHTS_SUFFIX}.index{infix}.json"
+    return folder / f"{stem}{infix}{WEIGHTS_SUFFIX}", folder / f"{stem}{WEIGHTS_SUFFIX}.index{infix}.json"
 
 
 def _has_variant(folder: Path, component: _Component, variant: str | None) -> bool:
@@ -329,7 +253,7 @@ def _weights_files(
     files: list[Path] = [single] if single.is_file() else []
     problems: list[Problem] = []
     if index.is_file():
-        problem = _json_problem(index)
+        problem = json_problem(index)
         shards: object = None
         if problem is None:
             listing = json.loads(index.read_text(encoding="utf-8"))
@@ -349,7 +273,7 @@ def _weights_files(
     if files or problems:
         return files, problems
     present = sorted(path.name for path in folder.iterdir() if path.is_file())
-    other_weights = [name for name in present if name.endswith(_WEIGHTS_SUFFIX)]
+    other_weights = [name for name in present if name.endswith(WEIGHTS_SUFFIX)]
     pickles = [name for name in present if name.endswith(_UNSAFE_SUFFIXES)]
     if variant and _has_variant(folder, component, None):
         detail = (
@@ -389,7 +313,7 @@ def inspect_weights(directory: Path) -> WeightsInfo:
     `explain_load_error`), the contents of merges.txt, and files loading does not read (pickles,
     another variant's weights).
     """
-    source, source_problem = _read_source(directory)
+    source, source_problem = read_source(directory)
     if source_problem:
         raise _weights_error(directory, source, [source_problem])
     unfinished = _unfinished_download(directory, source)
@@ -398,7 +322,7 @@ def inspect_weights(directory: Path) -> WeightsInfo:
     index_path = directory / "model_index.json"
     if not index_path.is_file():
         raise _weights_error(directory, source, [(f"{index_path} is missing", None)])
-    problem = _json_problem(index_path)
+    problem = json_problem(index_path)
     if problem:
         raise _weights_error(directory, source, [(problem, index_path)])
     model_index = json.loads(index_path.read_text(encoding="utf-8"))
@@ -422,7 +346,7 @@ def inspect_weights(directory: Path) -> WeightsInfo:
             continue
         for path in sorted(folder.glob("*.json")):
             if ".safetensors.index" not in path.name:
-                problem = _json_problem(path)
+                problem = json_problem(path)
                 if problem:
                     problems.append((problem, path))
         required = _REQUIRED_CONFIG.get(component.kind)
@@ -527,10 +451,10 @@ def explain_load_error(directory: Path, error: BaseException) -> WeightsError:
         inspect_weights(directory)  # changed since setup checked it?
     except WeightsError as found:
         return found
-    source = _read_source(directory)[0]
+    source = read_source(directory)[0]
     culprit = _culprit(directory, error)
     return WeightsError(
         f"Loading {culprit} failed ({reason}). The files passed the checks before loading, so it is "
         "probably weights that do not match their config.json, or damage inside a file. "
-        f"{_remedy(directory, source, delete='it')}"
+        f"{what_to_run(directory, source, delete='it')}"
     )
