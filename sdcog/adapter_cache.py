@@ -34,7 +34,6 @@ import json
 import logging
 import lzma
 import os
-import struct
 import tarfile
 import tempfile
 import time
@@ -49,6 +48,7 @@ from sdcog.adapter_references import EMBEDDING, LORA, AdapterKind, AdapterRefere
 from sdcog.errors import InputError
 from sdcog.input_files import decode_data_uri, fetch_url_to
 from sdcog.request import EmbeddingRequest, LoraRequest
+from sdcog.safetensors_files import NotSafetensors, read_header, sha256_of
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,6 @@ DEFAULT_MAX_ADAPTER_MB = 2000
 INDEX_FILE = "references.json"
 TOKEN_ENVS = {"huggingface": "HF_TOKEN", "replicate": "REPLICATE_API_TOKEN"}
 _SUFFIX = ".safetensors"
-_MAX_HEADER = 100_000_000  # safetensors' own limit on its JSON header
 MAX_TAR_MEMBERS = 1000
 """The most members a weights archive may have (Replicate's hold a handful)."""
 _MAX_EXTENSION_HEADER = 1 << 20
@@ -209,7 +208,7 @@ class AdapterCache:
             if _is_tar(body):
                 body = _safetensors_from_tar(kind, reference, body, Path(incoming) / "member", limit)
             _check_safetensors(field, reference, body)
-            sha256 = _sha256(body)
+            sha256 = sha256_of(body)
             size = body.stat().st_size
             stored = not self.path_for(sha256).exists()
             os.replace(body, self.path_for(sha256))
@@ -241,31 +240,16 @@ def _index_key(reference: AdapterReference) -> str:
     return f"{reference.kind}:{reference.location}:{reference.file or ''}@{reference.revision or ''}"
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as file:
-        while chunk := file.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _check_safetensors(field: str, reference: AdapterReference, path: Path) -> None:
     """A safetensors file: an 8-byte header length, then a JSON header that fits the file."""
-    size = path.stat().st_size
-    with path.open("rb") as file:
-        start = file.read(8)
-        length = struct.unpack("<Q", start)[0] if len(start) == 8 else 0
-        try:
-            fits = 1 < length <= min(_MAX_HEADER, size - 8)
-            valid = fits and isinstance(json.loads(file.read(length)), dict)
-        except (ValueError, UnicodeDecodeError):
-            valid = False
-    if not valid:
+    try:
+        read_header(path)
+    except NotSafetensors as error:
         raise InputError(
             field,
             f"{reference.name}: what {reference.text[:80]!r} points to is not a safetensors file; only "
             "safetensors weights are loaded (pickled .ckpt, .pt and .bin files never are)",
-        )
+        ) from error
 
 
 def _too_large(field: str, reference: AdapterReference, what: str, limit: int) -> InputError:

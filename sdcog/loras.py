@@ -14,14 +14,11 @@ fused ones again (the same fused weights: a LoRA never changes the base weights)
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import struct
 import time
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
-from pathlib import Path
 
 import transformers
 from diffusers import DiffusionPipeline
@@ -32,6 +29,7 @@ from safetensors.torch import load_file
 from sdcog.adapter_cache import AdapterFile
 from sdcog.adapter_references import LORA
 from sdcog.errors import InputError
+from sdcog.safetensors_files import tensor_data_sha256
 
 log = logging.getLogger(__name__)
 
@@ -47,17 +45,6 @@ class AppliedLora:
     """AUTOMATIC1111's short hash of a LoRA: the first 12 hex digits of the sha256 of the file's
     tensor data (after the safetensors header), which is what Civitai indexes LoRAs by."""
     scale: float
-
-
-def tensor_data_hash(path: Path) -> str:
-    """sha256 of a safetensors file's bytes after its header (AUTOMATIC1111's "addnet" hash)."""
-    digest = hashlib.sha256()
-    with path.open("rb") as file:
-        (length,) = struct.unpack("<Q", file.read(8))
-        file.seek(8 + length)
-        while chunk := file.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 class LoraAdapters:
@@ -128,7 +115,7 @@ class LoraAdapters:
                 f"{file.name}: none of its {len(state_dict)} tensors matches a layer of this model "
                 f"({type(self.pipeline).__name__}); is it a LoRA for another model family?",
             )
-        self.loaded[name] = tensor_data_hash(file.path)[:12]
+        self.loaded[name] = tensor_data_sha256(file.path)[:12]
         log.info(
             "%s: loaded %s (%d tensors) as adapter %s in %.2f s; %d loaded",
             LORA.field,

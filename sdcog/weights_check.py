@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
+from sdcog.safetensors_files import MAX_HEADER_BYTES, header_length
 from sdcog.weights import (
     FP16_VARIANT,
     HUB_DOWNLOAD_DIR,
@@ -153,10 +154,6 @@ def _safetensors_problem(path: Path) -> str | None:
         return f"{path} cannot be read ({error.strerror or error})"
 
 
-_MAX_HEADER_BYTES = 100_000_000
-"""safetensors refuses larger headers too."""
-
-
 def _describe_bad_safetensors(path: Path, library_error: str) -> str:
     size = path.stat().st_size
     if size == 0:
@@ -175,16 +172,16 @@ def _describe_bad_safetensors(path: Path, library_error: str) -> str:
             )
         if size < 8:
             return f"{path} is truncated: {size} bytes, shorter than a safetensors header"
-        header_length = int.from_bytes(start[:8], "little")
-        if header_length > _MAX_HEADER_BYTES or start[8:9] not in (b"{", b""):
+        length = header_length(start)
+        if length > MAX_HEADER_BYTES or start[8:9] not in (b"{", b""):
             return f"{path} is not a safetensors file (it does not start with a header length and JSON)"
-        if 8 + header_length > size:
+        if 8 + length > size:
             return (
                 f"{path} is truncated: {size:,} bytes on disk, but its header alone is "
-                f"{8 + header_length:,} bytes (an interrupted copy or download, or a full disk)"
+                f"{8 + length:,} bytes (an interrupted copy or download, or a full disk)"
             )
         file.seek(8)
-        header = file.read(header_length)
+        header = file.read(length)
     try:
         tensors = json.loads(header)
         data_end = max(
@@ -193,7 +190,7 @@ def _describe_bad_safetensors(path: Path, library_error: str) -> str:
         )
     except (ValueError, TypeError, KeyError, IndexError, AttributeError):
         return f"{path} is not a valid safetensors file (safetensors: {library_error})"
-    expected = 8 + header_length + int(data_end)
+    expected = 8 + length + int(data_end)
     if size < expected:
         return (
             f"{path} is truncated: {size:,} bytes on disk, but its header describes {expected:,} "

@@ -27,9 +27,10 @@ from sdcog.engine import Engine
 from sdcog.errors import InputError
 from sdcog.families import SD1
 from sdcog.infotext import parse_infotext_fields
-from sdcog.loras import LoraAdapters, tensor_data_hash
+from sdcog.loras import LoraAdapters
 from sdcog.outputs import generation_infotext, read_infotext
 from sdcog.request import ModelLimits, resolve_request
+from sdcog.safetensors_files import tensor_data_sha256
 from sdcog.weights import PROJECT_ROOT
 from sdcog_tools.cog_schema import write_schema
 from sdcog_tools.cog_server import running_server
@@ -311,7 +312,7 @@ def tensor_data_hash_of(data):
     with tempfile.TemporaryDirectory() as directory:
         path = Path(directory) / "lora.safetensors"
         path.write_bytes(data)
-        return tensor_data_hash(path)[:12]
+        return tensor_data_sha256(path)[:12]
 
 
 def test_loras_do_not_change_the_shared_weights(sd15, cache, server):
