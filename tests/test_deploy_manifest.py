@@ -260,6 +260,19 @@ def server(liveness_server):
     return liveness_server
 
 
+def start_long_prediction(server, prediction_id: str) -> None:
+    """An async prediction of LONG (minutes on a CPU), once the server is READY; returns once it is BUSY."""
+    server.settled_status()
+    response = httpx.post(
+        f"{server.url}/predictions",
+        json={"id": prediction_id, "input": LONG},
+        headers={"Prefer": "respond-async"},
+        timeout=30,
+    )
+    assert response.status_code == 202, response.text
+    wait_for_status(server, "BUSY")
+
+
 def wait_for_status(server, wanted: str, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while (status := server.health()["status"]) != wanted:
@@ -283,16 +296,9 @@ def test_against_the_real_server_ready_busy_and_prestop_waiting_for_the_predicti
     assert httpx.get(f"{server.url}/health-check").status_code == 200
     assert passes(container, server.port, liveness_file) == EXPECTED["READY"]
 
-    response = httpx.post(
-        f"{server.url}/predictions",
-        json={"id": "deploy-busy", "input": LONG},
-        headers={"Prefer": "respond-async"},
-        timeout=30,
-    )
-    assert response.status_code == 202, response.text
     pre_stop = None
     try:
-        wait_for_status(server, "BUSY")
+        start_long_prediction(server, "deploy-busy")
         wait_for_the_model(liveness_file)
         assert httpx.get(f"{server.url}/health-check").status_code == 200
         # What a request routed to a busy pod gets: the reason readiness must say no.

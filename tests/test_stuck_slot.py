@@ -33,10 +33,12 @@ import pytest
 import yaml
 from hostile_ids import HOSTILE_IDS, HOSTILE_URL_SEGMENTS, NON_STRING_IDS, VALID_IDS, url_segment
 from test_deploy_manifest import (
+    LONG,
     containers,
     local_command,
     probe_arguments,
     probe_command,
+    start_long_prediction,
     wait_for_status,
     wait_for_the_model,
 )
@@ -46,7 +48,6 @@ from sdcog.weights import PROJECT_ROOT
 
 COGLET_PREDICTIONS = Path("/tmp/coglet/predictions")  # fixed in coglet 0.23.1
 FAST = {"prompt": "a red circle", "num_inference_steps": 2}
-LONG = {"prompt": "a red circle", "width": 128, "height": 128, "num_outputs": 4, "num_inference_steps": 500}
 VALID_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")  # the rule deploy/front.py enforces
 
 
@@ -197,17 +198,9 @@ def probe(manifest, name: str, server, liveness_file, *extra: str) -> tuple[int,
 
 
 def test_liveness_passes_during_a_long_prediction(server, manifest, liveness_file):
-    server.settled_status()
-    response = httpx.post(
-        f"{server.url}/predictions",
-        json={"id": "long-one", "input": LONG},
-        headers={"Prefer": "respond-async"},
-        timeout=30,
-    )
-    assert response.status_code == 202, response.text
     grace = probe_arguments(manifest["sdcog"], "livenessProbe").grace
     try:
-        wait_for_status(server, "BUSY")
+        start_long_prediction(server, "long-one")
         wait_for_the_model(liveness_file)
         status, output, seconds = probe(manifest, "livenessProbe", server, liveness_file)
         assert status == 0 and "BUSY: a prediction has run for" in output, output
