@@ -39,13 +39,12 @@ from sdcog.loras import AppliedLora, LoraAdapters
 from sdcog.progress import StepProgress
 from sdcog.prompt_encoding import PromptEncoder
 from sdcog.request import (
-    IMAGE_TO_IMAGE,
-    INPAINT,
-    TEXT_TO_IMAGE,
     GenerationRequest,
+    Mode,
     ModelLimits,
     resolve_request,
 )
+from sdcog.safety import SafetyVerdict
 from sdcog.schedulers import build_scheduler
 from sdcog.weights import WeightsInfo
 from sdcog.weights_check import explain_load_error, inspect_weights
@@ -62,21 +61,21 @@ def seeded_generators(seeds: list[int]) -> list[torch.Generator]:
     return [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
 
 
-SAFETY_PASSED, SAFETY_FLAGGED, SAFETY_DISABLED = "passed", "flagged (black image)", "disabled"
-
-
 @dataclass
 class Generation:
     images: list[Image.Image]
-    safety: list[str] | None = None
-    """Per image, the safety checker's verdict (SAFETY_*), for the metadata; None: the model has none."""
+    safety: list[SafetyVerdict] | None = None
+    """Per image, the safety checker's verdict, for the metadata; None: the model has none."""
     loras: list[AppliedLora] = field(default_factory=list)
     embeddings: list[AppliedEmbedding] = field(default_factory=list)
     """The request's embeddings that its prompts used."""
 
     @property
     def flagged(self) -> list[bool]:
-        return [verdict == SAFETY_FLAGGED for verdict in self.safety or [SAFETY_PASSED] * len(self.images)]
+        return [
+            verdict == SafetyVerdict.FLAGGED
+            for verdict in self.safety or [SafetyVerdict.PASSED] * len(self.images)
+        ]
 
 
 @dataclass
@@ -193,12 +192,12 @@ class Engine:
         scale = self.pipeline.vae_scale_factor
         return ModelLimits(family=self.family, native_width=width * scale, native_height=height * scale)
 
-    def _pipeline_class(self, mode: str) -> type[DiffusionPipeline]:
+    def _pipeline_class(self, mode: Mode) -> type[DiffusionPipeline]:
         family = self.family
         name = {
-            TEXT_TO_IMAGE: family.pipeline_class,
-            IMAGE_TO_IMAGE: family.img2img_pipeline_class,
-            INPAINT: family.inpaint_pipeline_class,
+            Mode.TEXT_TO_IMAGE: family.pipeline_class,
+            Mode.IMAGE_TO_IMAGE: family.img2img_pipeline_class,
+            Mode.INPAINT: family.inpaint_pipeline_class,
         }[mode]
         return getattr(diffusers, name)
 
@@ -279,11 +278,11 @@ class Engine:
             output_type="pil",
             callback_on_step_end=on_step_end,
         )
-        if request.mode != IMAGE_TO_IMAGE:
+        if request.mode != Mode.IMAGE_TO_IMAGE:
             arguments.update(width=request.width, height=request.height)
-        if request.mode != TEXT_TO_IMAGE:
+        if request.mode != Mode.TEXT_TO_IMAGE:
             arguments.update(image=request.init_image, strength=request.prompt_strength)
-        if request.mode == INPAINT:
+        if request.mode == Mode.INPAINT:
             arguments.update(mask_image=request.mask_image)
         out_of_memory = False
         with self.embeddings.applied(embeddings or []) as active:
@@ -305,12 +304,12 @@ class Engine:
             loras=applied,
             embeddings=active.applied,
         )
-        if request.mode == INPAINT:
+        if request.mode == Mode.INPAINT:
             generation.images = [
                 image if is_flagged else paste_back(image, request.init_image, request.mask_image)
                 for image, is_flagged in zip(generation.images, generation.flagged, strict=True)
             ]
-        if request.mode != TEXT_TO_IMAGE:
+        if request.mode != Mode.TEXT_TO_IMAGE:
             log.info(
                 "%s: prompt_strength %g ran %d of %d denoising steps",
                 request.mode,
@@ -320,12 +319,12 @@ class Engine:
             )
         return generation
 
-    def _safety_verdicts(self, output: object, request: GenerationRequest) -> list[str] | None:
+    def _safety_verdicts(self, output: object, request: GenerationRequest) -> list[SafetyVerdict] | None:
         """The checker's verdict per image (diffusers made flagged ones black), flagged ones logged."""
         if not self.has_safety_checker:
             return None
         if request.disable_safety_checker:
-            return [SAFETY_DISABLED] * request.num_outputs
+            return [SafetyVerdict.DISABLED] * request.num_outputs
         flags = [bool(flag) for flag in output.nsfw_content_detected]
         for index, flagged in enumerate(flags):
             if flagged:
@@ -340,7 +339,7 @@ class Engine:
                 "try another prompt or seed",
                 len(flags),
             )
-        return [SAFETY_FLAGGED if flagged else SAFETY_PASSED for flagged in flags]
+        return [SafetyVerdict.FLAGGED if flagged else SafetyVerdict.PASSED for flagged in flags]
 
 
 def free_accelerator_memory() -> None:

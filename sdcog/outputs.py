@@ -31,7 +31,8 @@ from PIL.PngImagePlugin import PngInfo
 from sdcog import __version__
 from sdcog.images import MASK_BLUR_PX
 from sdcog.infotext import format_infotext
-from sdcog.request import INPAINT, TEXT_TO_IMAGE, GenerationRequest
+from sdcog.request import GenerationRequest, Mode
+from sdcog.safety import SafetyVerdict
 from sdcog.schedulers import SCHEDULERS
 
 if TYPE_CHECKING:  # only a type here: loras imports diffusers, which encoding does not need
@@ -131,7 +132,7 @@ def generation_infotext(
     request: GenerationRequest,
     seed: int,
     model_name: str,
-    safety: str | None = None,
+    safety: SafetyVerdict | None = None,
     loras: Sequence[AppliedLora] = (),
     embeddings: Sequence[AppliedEmbedding] = (),
 ) -> str:
@@ -147,9 +148,9 @@ def generation_infotext(
         "Model": model_name,
         "Mode": request.mode,
     }
-    if request.mode != TEXT_TO_IMAGE:
+    if request.mode != Mode.TEXT_TO_IMAGE:
         fields["Denoising strength"] = f"{request.prompt_strength:g}"
-    if request.mode == INPAINT:
+    if request.mode == Mode.INPAINT:
         fields["Mask blur"] = MASK_BLUR_PX
     if request.outpaint:
         fields["Outpaint"] = request.outpaint.describe()
@@ -158,7 +159,7 @@ def generation_infotext(
         fields["Lora scales"] = ", ".join(f"{lora.name}: {lora.scale:g}" for lora in loras)
     if embeddings:
         fields["TI hashes"] = ", ".join(f"{embedding.name}: {embedding.hash}" for embedding in embeddings)
-    fields["Safety checker"] = safety
+    fields["Safety checker"] = None if safety is None else safety.label
     fields["Version"] = f"sdcog {__version__}"
     return format_infotext(request.prompt, request.negative_prompt, fields)
 
@@ -168,7 +169,7 @@ def write_outputs(
     request: GenerationRequest,
     model_name: str,
     directory: Path,
-    safety: Sequence[str] | None = None,
+    safety: Sequence[SafetyVerdict] | None = None,
     loras: Sequence[AppliedLora] = (),
     embeddings: Sequence[AppliedEmbedding] = (),
 ) -> list[Path]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import re
 import secrets
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 from PIL import Image
@@ -45,7 +46,14 @@ MAX_EMBEDDINGS = 8
 LORA_SCALE_MIN, LORA_SCALE_MAX, DEFAULT_LORA_SCALE = -4.0, 4.0, 1.0
 OUTPAINT_FIELDS = ("outpaint_left", "outpaint_top", "outpaint_right", "outpaint_bottom")
 
-TEXT_TO_IMAGE, IMAGE_TO_IMAGE, INPAINT = "txt2img", "img2img", "inpaint"
+
+class Mode(StrEnum):
+    """What a request does, decided by its inputs: an image makes it image-to-image, an image with a
+    mask or outpainting makes it inpainting. The values are what the metadata records."""
+
+    TEXT_TO_IMAGE = "txt2img"
+    IMAGE_TO_IMAGE = "img2img"
+    INPAINT = "inpaint"
 
 
 @dataclass(frozen=True)
@@ -89,7 +97,7 @@ class GenerationRequest:
     """Image i is generated from seed + i with its own generator."""
     output_format: str
     output_quality: int
-    mode: str = TEXT_TO_IMAGE
+    mode: Mode = Mode.TEXT_TO_IMAGE
     """txt2img, img2img or inpaint (outpainting is inpainting on an extended canvas)."""
     init_image: Image.Image | None = field(default=None, repr=False)
     """The input image at the output size (on the extended canvas when outpainting)."""
@@ -221,11 +229,11 @@ def resolve_request(
         width = _resolve_size("width", width, model.native_width)
         height = _resolve_size("height", height, model.native_height)
         init_image = mask_image = None
-        mode = TEXT_TO_IMAGE
+        mode = Mode.TEXT_TO_IMAGE
     else:
         init_image, mask_image = _prepare_images(image, mask, outpaint, width, height)
         width, height = init_image.size
-        mode = INPAINT if mask_image is not None else IMAGE_TO_IMAGE
+        mode = Mode.INPAINT if mask_image is not None else Mode.IMAGE_TO_IMAGE
     num_outputs = _check_int("num_outputs", num_outputs, NUM_OUTPUTS_MIN, NUM_OUTPUTS_MAX)
     pixels = width * height * num_outputs
     if pixels > family.pixel_budget:
@@ -245,7 +253,7 @@ def resolve_request(
     _require_type("disable_safety_checker", disable_safety_checker, (bool,), "true or false")
     _require_type("prompt_strength", prompt_strength, (int, float), "a number")
     _check_range("prompt_strength", prompt_strength, STRENGTH_MIN, STRENGTH_MAX)
-    if mode != TEXT_TO_IMAGE and int(num_inference_steps * prompt_strength) < 1:
+    if mode != Mode.TEXT_TO_IMAGE and int(num_inference_steps * prompt_strength) < 1:
         raise InputError(
             "prompt_strength",
             f"{prompt_strength:g} x {num_inference_steps} steps leaves no denoising step to run "

@@ -9,7 +9,7 @@ from sdcog.engine import Engine
 from sdcog.images import Outpaint, paste_back
 from sdcog.infotext import parse_infotext_fields
 from sdcog.outputs import generation_infotext
-from sdcog.request import IMAGE_TO_IMAGE, INPAINT, InputError, resolve_request
+from sdcog.request import InputError, Mode, resolve_request
 
 STEPS = 10
 
@@ -57,7 +57,7 @@ def as_array(image):
 
 def test_img2img_output_is_the_input_size_rounded_to_multiples_of_8(engine):
     request, images = run(engine, image=photo(100, 60), num_outputs=2)
-    assert request.mode == IMAGE_TO_IMAGE
+    assert request.mode == Mode.IMAGE_TO_IMAGE
     assert [image.size for image in images] == [(104, 64), (104, 64)]
 
 
@@ -100,7 +100,7 @@ def test_img2img_and_inpainting_are_reproducible_with_a_seed(engine):
 def test_inpainting_keeps_every_unmasked_pixel_and_repaints_the_masked_ones(engine):
     source = photo(96, 64)
     request, images = run(engine, image=source, mask=half_mask((96, 64)), prompt_strength=1.0, num_outputs=2)
-    assert request.mode == INPAINT
+    assert request.mode == Mode.INPAINT
     keep = np.asarray(request.mask_image) == 0
     for image in images:
         assert np.array_equal(as_array(image)[keep], as_array(source)[keep])
@@ -119,7 +119,7 @@ def test_outpainting_extends_the_canvas_with_the_original_in_place(engine):
     assert image.size == (136, 72)  # 96 + 16 + 20 = 132, rounded up to 136 on the right; 64 + 8
     inner = as_array(image)[0:64, 16:112]
     assert np.array_equal(inner, as_array(source))
-    assert request.mode == INPAINT and "Outpaint" in generation_infotext(request, 3, "tiny")
+    assert request.mode == Mode.INPAINT and "Outpaint" in generation_infotext(request, 3, "tiny")
 
 
 def test_switching_modes_leaks_nothing_into_the_next_request(engine):

@@ -10,10 +10,11 @@ import pytest
 import torch
 from diffusers.pipelines.stable_diffusion.safety_checker import cosine_distance
 
-from sdcog.engine import SAFETY_DISABLED, SAFETY_FLAGGED, SAFETY_PASSED, Engine
+from sdcog.engine import Engine
 from sdcog.infotext import parse_infotext_fields
 from sdcog.outputs import read_infotext, write_outputs
 from sdcog.request import resolve_request
+from sdcog.safety import SafetyVerdict
 
 FAST = {"prompt": "a red circle on a blue background", "width": 64, "height": 64, "num_inference_steps": 3}
 
@@ -41,7 +42,7 @@ def set_thresholds(engine, concept_thresholds):
 
 def test_nothing_flagged_keeps_every_image_and_records_that_the_checker_passed_it(engine, tmp_path):
     request, generation = generate(engine)
-    assert generation.safety == [SAFETY_PASSED] * 3
+    assert generation.safety == [SafetyVerdict.PASSED] * 3
     assert not any(is_black(image) for image in generation.images)
     paths = write_outputs(generation.images, request, "tiny", tmp_path, generation.safety)
     assert parse_infotext_fields(read_infotext(paths[0]))["Safety checker"] == "passed"
@@ -75,7 +76,9 @@ def test_a_flagged_image_becomes_black_in_its_place_and_is_reported(engine, tmp_
     assert "were flagged" not in caplog.text
     paths = write_outputs(generation.images, request, "tiny", tmp_path, generation.safety)
     verdicts = [parse_infotext_fields(read_infotext(path))["Safety checker"] for path in paths]
-    assert verdicts == [SAFETY_FLAGGED if i == flagged_index else SAFETY_PASSED for i in range(3)]
+    assert verdicts == [
+        (SafetyVerdict.FLAGGED if i == flagged_index else SafetyVerdict.PASSED).label for i in range(3)
+    ]
 
 
 def test_when_every_image_is_flagged_the_log_says_so(engine, caplog):
@@ -90,7 +93,7 @@ def test_when_every_image_is_flagged_the_log_says_so(engine, caplog):
 def test_disable_safety_checker_skips_it_and_leaves_the_loaded_pipeline_alone(engine):
     set_thresholds(engine, torch.full((17,), -2.0))
     _, generation = generate(engine, disable_safety_checker=True)
-    assert generation.safety == [SAFETY_DISABLED] * 3
+    assert generation.safety == [SafetyVerdict.DISABLED] * 3
     assert not any(is_black(image) for image in generation.images)
     _, checked = generate(engine, num_outputs=1)  # the next request is checked again
     assert checked.flagged == [True]
