@@ -214,7 +214,7 @@ def test_an_adapter_over_the_limit_names_sdcog_max_adapter_mb_not_the_input_sett
         )
     # Percent-encoded (not base64), a data URI decodes to up to 4/3 of what its length suggests.
     plain_uri = "data:application/octet-stream," + "a" * 1_300_000
-    assert "it is 1.3 MB, over the limit of 1 MB (SDCOG_MAX_ADAPTER_MB)" in refusal(
+    assert "is 1.3 MB or more; the limit is 1 MB (SDCOG_MAX_ADAPTER_MB)" in refusal(
         cache, "lora_weights", plain_uri
     )
     server = StaticServer({"/big.safetensors": big, "/bomb.tar.xz": bomb("xz")})

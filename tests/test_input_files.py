@@ -138,6 +138,9 @@ def test_data_uris_are_decoded_under_the_limit():
     assert decode_data_uri("image", "data:text/plain,a%20b", LIMIT) == b"a b"
     assert "limit is 0.1 MB" in refused("image", decode_data_uri, "image", data_uri(b"x" * 2 * LIMIT), LIMIT)
     assert "without a comma" in refused("mask", decode_data_uri, "mask", "data:image/png;base64", LIMIT)
+    # Percent-encoded, the text is the data's size, not 4/3 of it: the decoded size is what counts.
+    plain = "data:application/octet-stream," + "a" * (LIMIT + LIMIT // 10)
+    assert "the limit is 0.1 MB" in refused("image", decode_data_uri, "image", plain, LIMIT)
 
 
 def test_a_plain_string_is_never_read_as_a_path_on_the_server(tmp_path):
