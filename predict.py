@@ -2,7 +2,7 @@
 
 No diffusion logic lives here; see the `sdcog` package. The `Input` declarations use literal
 values because `cog build` reads them statically; `tests/test_schema.py` checks that they match
-the rules `sdcog.request` enforces.
+the rules `sdcog.resolve.request` enforces.
 """
 
 import logging
@@ -11,15 +11,15 @@ import sys
 from cog import BasePredictor, Input, Path, Secret
 
 from sdcog import liveness
-from sdcog.adapter_cache import AdapterCache, adapter_tokens
-from sdcog.cancellation import run_cancellable
-from sdcog.engine import Engine
+from sdcog.fetch.adapter_cache import AdapterCache, adapter_tokens
+from sdcog.fetch.images import Outpaint, open_image
+from sdcog.fetch.input_files import guard_cog_downloads, read_input_file
+from sdcog.generate.cancellation import run_cancellable
+from sdcog.generate.engine import Engine
 from sdcog.heap import HeapTrimmer
-from sdcog.images import Outpaint, open_image
-from sdcog.input_files import guard_cog_downloads, read_input_file
-from sdcog.outputs import OutputDirectory, write_outputs
-from sdcog.request import resolve_request
-from sdcog.weights import resolve_weights_dir
+from sdcog.model.weights import resolve_weights_dir
+from sdcog.resolve.request import resolve_request
+from sdcog.write.outputs import OutputDirectory, write_outputs
 
 log = logging.getLogger("sdcog")
 

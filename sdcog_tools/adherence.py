@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
-from sdcog.engine import Engine
-from sdcog.request import resolve_request
+from sdcog.generate.engine import Engine
+from sdcog.resolve.request import resolve_request
 from sdcog_tools.shapes import HELD_OUT_SCENES, Scene, judge
 
 

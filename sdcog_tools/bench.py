@@ -40,15 +40,15 @@ import psutil
 import torch
 from PIL import Image, ImageDraw
 
-from sdcog.acceleration import COMPILE_ENV, COMPILE_MODES, compile_mode
-from sdcog.cancellation import on_generation_thread
-from sdcog.engine import Engine
+from sdcog.generate.cancellation import on_generation_thread
+from sdcog.generate.engine import Engine
+from sdcog.generate.progress import StepProgress
 from sdcog.heap import HeapTrimmer
-from sdcog.outputs import write_outputs
-from sdcog.progress import StepProgress
-from sdcog.request import resolve_request
-from sdcog.schedulers import DEFAULT_SCHEDULER, SCHEDULERS
-from sdcog.weights import PROJECT_ROOT, WEIGHTS_ENV
+from sdcog.model.acceleration import COMPILE_ENV, COMPILE_MODES, compile_mode
+from sdcog.model.weights import PROJECT_ROOT, WEIGHTS_ENV
+from sdcog.resolve.request import resolve_request
+from sdcog.resolve.schedulers import DEFAULT_SCHEDULER, SCHEDULERS
+from sdcog.write.outputs import write_outputs
 from sdcog_tools.bench_report import HTTP, PLAIN, PREDICT, PROJECT, format_report, plot, ratio, targets
 from sdcog_tools.cog_schema import write_schema
 from sdcog_tools.cog_server import running_server
@@ -69,7 +69,7 @@ path, directory, device, variant = sys.argv[1:5]
 import torch
 if path == "project":
     from pathlib import Path
-    from sdcog.engine import Engine
+    from sdcog.generate.engine import Engine
     load = lambda: Engine.load(Path(directory), torch.device(device))
 else:
     from diffusers import DiffusionPipeline
@@ -291,17 +291,17 @@ def load_predictor(directory: Path, device: torch.device) -> Any:
     if str(PROJECT_ROOT) not in sys.path:
         sys.path.insert(0, str(PROJECT_ROOT))
     import predict
-    import sdcog.engine
+    import sdcog.generate.engine
 
-    saved = os.environ.get(WEIGHTS_ENV), logging.root.handlers[:], sdcog.engine.default_device
-    os.environ[WEIGHTS_ENV], sdcog.engine.default_device = str(directory), lambda: device
+    saved = os.environ.get(WEIGHTS_ENV), logging.root.handlers[:], sdcog.generate.engine.default_device
+    os.environ[WEIGHTS_ENV], sdcog.generate.engine.default_device = str(directory), lambda: device
     try:
         with contextlib.redirect_stdout(io.StringIO()):  # setup() logs to stdout
             predictor = predict.Predictor()
             predictor.setup()
     finally:
         os.environ.pop(WEIGHTS_ENV) if saved[0] is None else os.environ.update({WEIGHTS_ENV: saved[0]})
-        sdcog.engine.default_device = saved[2]
+        sdcog.generate.engine.default_device = saved[2]
         logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=saved[1], force=True)
     return predictor
 

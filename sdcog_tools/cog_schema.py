@@ -26,7 +26,7 @@ from typing import Any
 import cog
 from cog import _adt, _inspector
 
-from sdcog.weights import PROJECT_ROOT
+from sdcog.model.weights import PROJECT_ROOT
 
 DEFAULT_REF = "predict.py:Predictor"
 DEFAULT_OUTPUT = PROJECT_ROOT / ".cog" / "openapi_schema.json"

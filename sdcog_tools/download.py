@@ -7,8 +7,8 @@ import os
 import sys
 from pathlib import Path
 
-from sdcog.weights import DEFAULT_MODEL_ID, DEFAULT_WEIGHTS_DIR, WeightsError, download_pipeline
-from sdcog.weights_check import inspect_weights
+from sdcog.model.weights import DEFAULT_MODEL_ID, DEFAULT_WEIGHTS_DIR, WeightsError, download_pipeline
+from sdcog.model.weights_check import inspect_weights
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -43,8 +43,8 @@ from typing import Any
 import psutil
 from PIL import Image, ImageDraw
 
-from sdcog.schedulers import SCHEDULER_NAMES
-from sdcog.weights import BUNDLED_MODEL_DIR, PROJECT_ROOT, WEIGHTS_ENV
+from sdcog.model.weights import BUNDLED_MODEL_DIR, PROJECT_ROOT, WEIGHTS_ENV
+from sdcog.resolve.schedulers import SCHEDULER_NAMES
 from sdcog_tools.cog_schema import write_schema
 from sdcog_tools.cog_server import CogServer, running_server
 

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from sdcog.weights import PROJECT_ROOT
+from sdcog.model.weights import PROJECT_ROOT
 from sdcog_tools.cog_schema import write_schema
 from sdcog_tools.cog_server import running_server
 

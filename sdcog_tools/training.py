@@ -47,7 +47,7 @@ from diffusers.training_utils import compute_snr
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from transformers import CLIPTextModel
 
-from sdcog.weights import BUNDLED_MODEL_DIR
+from sdcog.model.weights import BUNDLED_MODEL_DIR
 from sdcog_tools.random_pipelines import SD15_SCHEDULER, _text_config, _vae, make_tokenizer, write_vocab_files
 from sdcog_tools.shapes import COLOURS, HELD_OUT_SCENES, IMAGE_SIZE, TRAIN_SCENES, Scene, render
 

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from sdcog import liveness
-from sdcog.weights import BUNDLED_MODEL_DIR, PROJECT_ROOT
+from sdcog.model.weights import BUNDLED_MODEL_DIR, PROJECT_ROOT
 from sdcog_tools.cog_schema import write_schema
 from sdcog_tools.cog_server import running_server
 from sdcog_tools.random_pipelines import save_pipeline
@@ -32,7 +32,7 @@ def tiny_sdxl(tiny_pipelines) -> Path:
 @pytest.fixture(scope="module")
 def sd15(tiny_sd15):
     """The tiny SD 1.5 engine, one per test module (LoRAs a module loads stay in its own engine)."""
-    from sdcog.engine import Engine
+    from sdcog.generate.engine import Engine
 
     return Engine.load(tiny_sd15)
 

@@ -3,7 +3,7 @@
 Each builder's docstring says what the server must answer. "Refused" always means an InputError
 naming the field (`image: ...` or `mask: ...`), never a 5xx; a file over the pixel limit or in a
 format not read is refused before any pixel is decoded, and the latter's message lists the
-formats the server reads (sdcog.images.ACCEPTED_FORMATS: PNG, JPEG, WEBP, GIF, BMP, TIFF).
+formats the server reads (sdcog.fetch.images.ACCEPTED_FORMATS: PNG, JPEG, WEBP, GIF, BMP, TIFF).
 Use them from another test module as `from hostile_images import ...` (tests/ is on sys.path).
 
 The PNG and TIFF writers are written by hand (not with Pillow), so the files hold exactly what

@@ -5,7 +5,7 @@ within milliseconds of the request arriving) or "runs" (generated like any promp
 tests/test_prompts.py (the Python API) and tests/test_fuzz.py (the real server).
 """
 
-from sdcog.request import MAX_PROMPT_CHARS
+from sdcog.resolve.request import MAX_PROMPT_CHARS
 
 NESTING = 6_000
 """Deep enough for a quadratic parser to take seconds, short enough to pass the character limit."""

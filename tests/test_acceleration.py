@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from sdcog import acceleration
-from sdcog.acceleration import COMPILE_ENV, compile_mode, optimize_modules, pipeline_dtype
-from sdcog.engine import Engine
-from sdcog.families import SD1, SD2, SDXL
-from sdcog.request import resolve_request
+from sdcog.generate.engine import Engine
+from sdcog.model import acceleration
+from sdcog.model.acceleration import COMPILE_ENV, compile_mode, optimize_modules, pipeline_dtype
+from sdcog.model.families import SD1, SD2, SDXL
+from sdcog.resolve.request import resolve_request
 
 CUDA = torch.device("cuda")
 
@@ -66,14 +66,16 @@ def test_the_compiled_warm_up_runs_on_the_thread_that_runs_predictions(tiny_sd15
     """CUDA graphs recorded by a compiled UNet belong to the thread that recorded them."""
     import threading
 
-    import sdcog.engine
-    from sdcog.cancellation import run_cancellable
+    import sdcog.generate.engine
+    from sdcog.generate.cancellation import run_cancellable
 
     compiled, threads = [], []
     monkeypatch.setenv(COMPILE_ENV, "reduce-overhead")
     monkeypatch.setenv("SDCOG_COMPILE_CACHE", str(tmp_path / "cache.bin"))
-    monkeypatch.setattr(sdcog.engine, "compile_unet", lambda pipeline, cache, mode: compiled.append(mode))
-    monkeypatch.setattr(sdcog.engine, "save_compile_cache", lambda cache: None)
+    monkeypatch.setattr(
+        sdcog.generate.engine, "compile_unet", lambda pipeline, cache, mode: compiled.append(mode)
+    )
+    monkeypatch.setattr(sdcog.generate.engine, "save_compile_cache", lambda cache: None)
     generate = Engine.generate
     monkeypatch.setattr(
         Engine, "generate", lambda *args: (threads.append(threading.get_ident()), generate(*args))[1]

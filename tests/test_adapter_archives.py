@@ -33,11 +33,11 @@ from hostile_archives import (
 )
 from lora_files import StaticServer
 
-from sdcog import adapter_cache
-from sdcog.adapter_cache import AdapterCache, AdapterFile
-from sdcog.adapter_references import EMBEDDING, LORA, parse_reference
 from sdcog.errors import InputError
-from sdcog.input_files import decode_data_uri
+from sdcog.fetch import adapter_cache
+from sdcog.fetch.adapter_cache import AdapterCache, AdapterFile
+from sdcog.fetch.adapter_references import EMBEDDING, LORA, parse_reference
+from sdcog.fetch.input_files import decode_data_uri
 
 hostile_archives = functools.cache(hostile_archives)  # built once per field, for every test here
 KINDS = {"lora_weights": (LORA, LORA_MEMBER), "embeddings": (EMBEDDING, EMBEDDING_MEMBER)}

@@ -13,10 +13,10 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from sdcog.engine import Engine
-from sdcog.request import resolve_request
-from sdcog.schedulers import SCHEDULER_NAMES
-from sdcog.weights import BUNDLED_MODEL_DIR
+from sdcog.generate.engine import Engine
+from sdcog.model.weights import BUNDLED_MODEL_DIR
+from sdcog.resolve.request import resolve_request
+from sdcog.resolve.schedulers import SCHEDULER_NAMES
 from sdcog_tools.adherence import measure_adherence
 from sdcog_tools.shapes import (
     COLOURS,

@@ -10,7 +10,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import httpx
 import pytest
 
-from sdcog.weights import PROJECT_ROOT
+from sdcog.model.weights import PROJECT_ROOT
 from sdcog_tools.cog_schema import write_schema
 from sdcog_tools.cog_server import running_server
 
@@ -191,7 +191,7 @@ def inject(thread_id, exception_type):
 def test_an_injected_exception_stops_the_work_at_its_next_check_and_is_raised_after_it():
     """In-process, with the same CPython call Cog uses: the step in progress finishes, the next
     does not start, and the waiting thread returns only once the work has stopped."""
-    from sdcog.cancellation import Cancelled, run_cancellable
+    from sdcog.generate.cancellation import Cancelled, run_cancellable
 
     steps, started = [], threading.Event()
 
@@ -226,7 +226,7 @@ def test_an_injected_exception_stops_the_work_at_its_next_check_and_is_raised_af
 
 
 def test_without_a_cancel_the_work_runs_to_its_end_and_its_errors_surface():
-    from sdcog.cancellation import run_cancellable
+    from sdcog.generate.cancellation import run_cancellable
 
     assert run_cancellable(lambda flag: 42) == 42
     with pytest.raises(ZeroDivisionError):

@@ -32,7 +32,7 @@ import yaml
 from test_workflows import dockerignore_patterns, ignored
 
 from sdcog import liveness
-from sdcog.weights import PROJECT_ROOT
+from sdcog.model.weights import PROJECT_ROOT
 from sdcog_tools.cog_server import free_port
 
 MANIFEST = PROJECT_ROOT / "deploy" / "kubernetes.yaml"

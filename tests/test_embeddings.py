@@ -15,15 +15,15 @@ from hostile_archives import data_uri
 from lora_files import StaticServer
 from safetensors.torch import save, save_file
 
-from sdcog import adapter_references
-from sdcog.adapter_cache import AdapterCache, AdapterFile
-from sdcog.cancellation import CancelFlag, Cancelled
-from sdcog.engine import Engine
 from sdcog.errors import InputError
-from sdcog.infotext import parse_infotext_fields
-from sdcog.outputs import generation_infotext
-from sdcog.prompt_encoding import text_encoders
-from sdcog.request import resolve_request
+from sdcog.fetch import adapter_references
+from sdcog.fetch.adapter_cache import AdapterCache, AdapterFile
+from sdcog.generate.cancellation import CancelFlag, Cancelled
+from sdcog.generate.engine import Engine
+from sdcog.generate.prompt_encoding import text_encoders
+from sdcog.resolve.request import resolve_request
+from sdcog.write.infotext import parse_infotext_fields
+from sdcog.write.outputs import generation_infotext
 
 PROMPT = "a red circle on a blue background"
 

@@ -3,11 +3,11 @@
 import numpy as np
 import pytest
 
-from sdcog.engine import Engine
 from sdcog.errors import InputError
-from sdcog.families import SD1, SDXL
-from sdcog.request import resolve_request
-from sdcog.schedulers import SCHEDULER_NAMES
+from sdcog.generate.engine import Engine
+from sdcog.model.families import SD1, SDXL
+from sdcog.resolve.request import resolve_request
+from sdcog.resolve.schedulers import SCHEDULER_NAMES
 
 
 @pytest.fixture(scope="module")

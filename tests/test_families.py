@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from sdcog.families import SD1, SD2, SDXL, UnsupportedModelError, detect_family
+from sdcog.model.families import SD1, SD2, SDXL, UnsupportedModelError, detect_family
 
 
 def pipeline_dir(tmp_path, class_name, cross_attention_dim):

@@ -76,9 +76,9 @@ from PIL import Image
 from schemathesis import GenerationMode
 from schemathesis.core import NotSet
 
-from sdcog.families import SD1
-from sdcog.request import OUTPAINT_FIELDS, SEED_MAX
-from sdcog.weights import PROJECT_ROOT
+from sdcog.model.families import SD1
+from sdcog.model.weights import PROJECT_ROOT
+from sdcog.resolve.request import OUTPAINT_FIELDS, SEED_MAX
 from sdcog_tools.cog_schema import input_properties, write_schema
 from sdcog_tools.cog_server import READY, running_server
 

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sdcog.infotext import parse_infotext_fields
-from sdcog.outputs import read_infotext
-from sdcog.request import SEED_MAX
-from sdcog.schedulers import SCHEDULER_NAMES
-from sdcog.weights import PROJECT_ROOT
+from sdcog.model.weights import PROJECT_ROOT
+from sdcog.resolve.request import SEED_MAX
+from sdcog.resolve.schedulers import SCHEDULER_NAMES
+from sdcog.write.infotext import parse_infotext_fields
+from sdcog.write.outputs import read_infotext
 from sdcog_tools.cog_schema import write_schema
 from sdcog_tools.cog_server import ServerError, running_server
 

@@ -5,11 +5,11 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from sdcog.engine import Engine
-from sdcog.images import Outpaint, paste_back
-from sdcog.infotext import parse_infotext_fields
-from sdcog.outputs import generation_infotext
-from sdcog.request import InputError, Mode, resolve_request
+from sdcog.fetch.images import Outpaint, paste_back
+from sdcog.generate.engine import Engine
+from sdcog.resolve.request import InputError, Mode, resolve_request
+from sdcog.write.infotext import parse_infotext_fields
+from sdcog.write.outputs import generation_infotext
 
 STEPS = 10
 
@@ -137,7 +137,7 @@ def test_metadata_records_the_mode_and_the_strength(engine):
 
 
 def test_steps_run_follow_diffusers_strength_semantics(engine, caplog):
-    with caplog.at_level("INFO", logger="sdcog.engine"):
+    with caplog.at_level("INFO", logger="sdcog.generate.engine"):
         run(engine, image=photo(96, 64), prompt_strength=0.5, num_inference_steps=9)
     assert "prompt_strength 0.5 ran 4 of 9 denoising steps" in caplog.text  # int(9 x 0.5)
 
@@ -167,8 +167,8 @@ def test_paste_back_feathers_only_inside_the_mask():
     ],
 )
 def test_bad_image_inputs_are_refused_naming_the_field(inputs, field, fragment):
-    from sdcog.families import SD1
-    from sdcog.request import ModelLimits
+    from sdcog.model.families import SD1
+    from sdcog.resolve.request import ModelLimits
 
     with pytest.raises(InputError) as refusal:
         resolve_request(ModelLimits(SD1, 512, 512), prompt="x", **inputs)

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from sdcog import input_files
 from sdcog.errors import InputError
-from sdcog.images import open_image
-from sdcog.input_files import decode_data_uri, fetch_url, read_input_file
-from sdcog.weights import PROJECT_ROOT
+from sdcog.fetch import input_files
+from sdcog.fetch.images import open_image
+from sdcog.fetch.input_files import decode_data_uri, fetch_url, read_input_file
+from sdcog.model.weights import PROJECT_ROOT
 from sdcog_tools.cog_schema import write_schema
 from sdcog_tools.cog_server import running_server
 

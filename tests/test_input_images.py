@@ -47,10 +47,10 @@ from hostile_images import (
 from PIL import Image, ImageOps, TiffImagePlugin
 
 from sdcog.errors import InputError
-from sdcog.families import SD1
-from sdcog.image_structure import check_structure
-from sdcog.images import ACCEPTED_FORMATS, as_rgb, binary_mask, open_image, to_8_bit
-from sdcog.request import ModelLimits, resolve_request
+from sdcog.fetch.image_structure import check_structure
+from sdcog.fetch.images import ACCEPTED_FORMATS, as_rgb, binary_mask, open_image, to_8_bit
+from sdcog.model.families import SD1
+from sdcog.resolve.request import ModelLimits, resolve_request
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 ACCEPTED_TEXT = "send PNG, JPEG, WEBP, GIF, BMP or TIFF"
@@ -77,7 +77,7 @@ MEASURE = r"""
 import json, re, signal, sys, time
 import hostile_images
 from sdcog.errors import InputError
-from sdcog.images import open_image
+from sdcog.fetch.images import open_image
 
 class TookTooLong(BaseException):  # not an Exception: nothing on the way catches it
     pass

@@ -20,18 +20,18 @@ from hostile_archives import bomb, data_uri, safetensors_header
 from lora_files import StaticServer, make_lora
 from safetensors.torch import save
 
-from sdcog import adapter_references
-from sdcog.acceleration import optimize_modules
-from sdcog.adapter_cache import AdapterCache, adapter_tokens
-from sdcog.engine import Engine
 from sdcog.errors import InputError
-from sdcog.families import SD1
-from sdcog.infotext import parse_infotext_fields
-from sdcog.loras import LoraAdapters
-from sdcog.outputs import generation_infotext, read_infotext
-from sdcog.request import ModelLimits, resolve_request
-from sdcog.safetensors_files import tensor_data_sha256
-from sdcog.weights import PROJECT_ROOT
+from sdcog.fetch import adapter_references
+from sdcog.fetch.adapter_cache import AdapterCache, adapter_tokens
+from sdcog.generate.engine import Engine
+from sdcog.generate.loras import LoraAdapters
+from sdcog.model.acceleration import optimize_modules
+from sdcog.model.families import SD1
+from sdcog.model.safetensors_files import tensor_data_sha256
+from sdcog.model.weights import PROJECT_ROOT
+from sdcog.resolve.request import ModelLimits, resolve_request
+from sdcog.write.infotext import parse_infotext_fields
+from sdcog.write.outputs import generation_infotext, read_infotext
 from sdcog_tools.cog_schema import write_schema
 from sdcog_tools.cog_server import running_server
 

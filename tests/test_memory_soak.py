@@ -5,8 +5,8 @@ from collections import Counter
 
 import pytest
 
-from sdcog.schedulers import SCHEDULER_NAMES
-from sdcog.weights import BUNDLED_MODEL_DIR, PROJECT_ROOT
+from sdcog.model.weights import BUNDLED_MODEL_DIR, PROJECT_ROOT
+from sdcog.resolve.schedulers import SCHEDULER_NAMES
 from sdcog_tools.cog_schema import write_schema
 from sdcog_tools.cog_server import running_server
 from sdcog_tools.memory_soak import (

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from sdcog.engine import Engine, OutOfMemory
-from sdcog.request import resolve_request
+from sdcog.generate.engine import Engine, OutOfMemory
+from sdcog.resolve.request import resolve_request
 
 REQUEST = {"prompt": "a red circle", "width": 64, "height": 64, "num_inference_steps": 3, "seed": 2}
 
@@ -37,7 +37,7 @@ def test_out_of_memory_suggests_a_smaller_request_and_the_next_prediction_works(
     request = resolve_request(engine.limits, **REQUEST, num_outputs=2)
     expected = [np.asarray(image) for image in engine.generate(request).images]
     freed = []
-    monkeypatch.setattr("sdcog.engine.free_accelerator_memory", lambda: freed.append(True))
+    monkeypatch.setattr("sdcog.generate.engine.free_accelerator_memory", lambda: freed.append(True))
     fail_once_with_out_of_memory(monkeypatch, engine.pipeline.unet)
 
     with pytest.raises(OutOfMemory) as raised:

@@ -8,11 +8,17 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from sdcog.errors import InputError
-from sdcog.families import SD1
-from sdcog.infotext import format_infotext, parse_infotext_fields
-from sdcog.outputs import OutputDirectory, generation_infotext, read_exact_texts, read_infotext, write_outputs
-from sdcog.request import MAX_PROMPT_CHARS, ModelLimits, resolve_request
-from sdcog.weights import BUNDLED_MODEL_DIR
+from sdcog.model.families import SD1
+from sdcog.model.weights import BUNDLED_MODEL_DIR
+from sdcog.resolve.request import MAX_PROMPT_CHARS, ModelLimits, resolve_request
+from sdcog.write.infotext import format_infotext, parse_infotext_fields
+from sdcog.write.outputs import (
+    OutputDirectory,
+    generation_infotext,
+    read_exact_texts,
+    read_infotext,
+    write_outputs,
+)
 
 LIMITS = ModelLimits(family=SD1, native_width=64, native_height=64)
 

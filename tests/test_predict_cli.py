@@ -3,8 +3,8 @@
 import pytest
 from PIL import Image
 
-from sdcog.outputs import read_infotext
-from sdcog.weights import DEFAULT_WEIGHTS_DIR
+from sdcog.model.weights import DEFAULT_WEIGHTS_DIR
+from sdcog.write.outputs import read_infotext
 from sdcog_tools import predict_cli
 from sdcog_tools.shapes import judge
 

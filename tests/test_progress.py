@@ -2,7 +2,7 @@
 
 import re
 
-from sdcog.progress import StepProgress, format_progress
+from sdcog.generate.progress import StepProgress, format_progress
 
 # The pattern of replicate-python's Prediction.progress, replicate-javascript's parseProgressFromLogs
 # and the Go and Rust clients: anchored at the start of the line.

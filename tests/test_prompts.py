@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 from hostile_prompts import HOSTILE_PROMPTS
 
-from sdcog.cancellation import CancelFlag, Cancelled
-from sdcog.engine import Engine
 from sdcog.errors import InputError
-from sdcog.prompt_encoding import MAX_PROMPT_TOKENS, WINDOW_TOKENS
-from sdcog.prompt_syntax import MAX_WEIGHT, Fragment, PromptSyntaxError, parse_weighted_prompt
-from sdcog.request import resolve_request
-from sdcog.weights import BUNDLED_MODEL_DIR
+from sdcog.generate.cancellation import CancelFlag, Cancelled
+from sdcog.generate.engine import Engine
+from sdcog.generate.prompt_encoding import MAX_PROMPT_TOKENS, WINDOW_TOKENS
+from sdcog.generate.prompt_syntax import MAX_WEIGHT, Fragment, PromptSyntaxError, parse_weighted_prompt
+from sdcog.model.weights import BUNDLED_MODEL_DIR
+from sdcog.resolve.request import resolve_request
 from sdcog_tools.shapes import judge
 
 

@@ -4,10 +4,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sdcog.adapter_references import parse_reference
-from sdcog.families import SD1, SDXL
-from sdcog.request import SEED_MAX, InputError, ModelLimits, resolve_request
-from sdcog.schedulers import SCHEDULER_NAMES
+from sdcog.fetch.adapter_references import parse_reference
+from sdcog.model.families import SD1, SDXL
+from sdcog.resolve.request import SEED_MAX, InputError, ModelLimits, resolve_request
+from sdcog.resolve.schedulers import SCHEDULER_NAMES
 
 SD15 = ModelLimits(family=SD1, native_width=512, native_height=512)
 XL = ModelLimits(family=SDXL, native_width=1024, native_height=1024)

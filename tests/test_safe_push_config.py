@@ -8,7 +8,7 @@ import jsonschema
 import pytest
 import yaml
 
-from sdcog.weights import PROJECT_ROOT
+from sdcog.model.weights import PROJECT_ROOT
 from sdcog_tools.cog_schema import write_schema
 from sdcog_tools.cog_server import running_server
 from sdcog_tools.schema_compat import current_schema, input_properties

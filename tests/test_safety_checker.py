@@ -10,11 +10,11 @@ import pytest
 import torch
 from diffusers.pipelines.stable_diffusion.safety_checker import cosine_distance
 
-from sdcog.engine import Engine
-from sdcog.infotext import parse_infotext_fields
-from sdcog.outputs import read_infotext, write_outputs
-from sdcog.request import resolve_request
-from sdcog.safety import SafetyVerdict
+from sdcog.generate.engine import Engine
+from sdcog.generate.safety import SafetyVerdict
+from sdcog.resolve.request import resolve_request
+from sdcog.write.infotext import parse_infotext_fields
+from sdcog.write.outputs import read_infotext, write_outputs
 
 FAST = {"prompt": "a red circle on a blue background", "width": 64, "height": 64, "num_inference_steps": 3}
 
@@ -62,7 +62,7 @@ def test_a_flagged_image_becomes_black_in_its_place_and_is_reported(engine, tmp_
     thresholds[0] = float(top + runner_up) / 2
     set_thresholds(engine, thresholds)
 
-    with caplog.at_level(logging.WARNING, logger="sdcog.engine"):
+    with caplog.at_level(logging.WARNING, logger="sdcog.generate.engine"):
         request, generation = generate(engine)
     flagged_index = int(np.argmax(scores))
     assert generation.flagged == [index == flagged_index for index in range(3)]
@@ -83,7 +83,7 @@ def test_a_flagged_image_becomes_black_in_its_place_and_is_reported(engine, tmp_
 
 def test_when_every_image_is_flagged_the_log_says_so(engine, caplog):
     set_thresholds(engine, torch.full((17,), -2.0))
-    with caplog.at_level(logging.WARNING, logger="sdcog.engine"):
+    with caplog.at_level(logging.WARNING, logger="sdcog.generate.engine"):
         _, generation = generate(engine, num_outputs=2)
     assert generation.flagged == [True, True]
     assert all(is_black(image) for image in generation.images)

@@ -5,7 +5,7 @@ import copy
 import pytest
 from diffusers import EulerDiscreteScheduler, PNDMScheduler
 
-from sdcog.schedulers import SCHEDULER_NAMES, SCHEDULERS, build_scheduler
+from sdcog.resolve.schedulers import SCHEDULER_NAMES, SCHEDULERS, build_scheduler
 from sdcog_tools.random_pipelines import SD15_SCHEDULER
 
 SD15_CONFIG = PNDMScheduler.from_config(SD15_SCHEDULER).config

@@ -10,8 +10,8 @@ from cog import Path, Secret
 from cog.input import FieldInfo
 
 import predict
-from sdcog import request as rules
-from sdcog.schedulers import DEFAULT_SCHEDULER, SCHEDULER_NAMES
+from sdcog.resolve import request as rules
+from sdcog.resolve.schedulers import DEFAULT_SCHEDULER, SCHEDULER_NAMES
 from sdcog_tools.cog_schema import build_schema, load_predictor_info, main, write_schema
 
 
@@ -73,7 +73,7 @@ def test_schema_follows_the_signature(schema):
 
 
 def test_declared_ranges_and_choices_are_the_rules_the_request_enforces(schema):
-    """predict.py must use literals (cog build reads them statically); they must match sdcog.request."""
+    """predict.py must use literals (cog build reads them statically), equal to sdcog.resolve.request's."""
     properties = input_properties(schema)
     components = schema["components"]["schemas"]
     for side in ("width", "height"):

@@ -10,7 +10,7 @@ import shutil
 import httpx
 import pytest
 
-from sdcog.weights import BUNDLED_MODEL_DIR, PROJECT_ROOT, SOURCE_FILE
+from sdcog.model.weights import BUNDLED_MODEL_DIR, PROJECT_ROOT, SOURCE_FILE
 from sdcog_tools import cog_server
 from sdcog_tools.cog_schema import write_schema
 from sdcog_tools.cog_server import SETUP_FAILED, ServerError, running_server

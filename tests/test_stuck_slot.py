@@ -44,7 +44,7 @@ from test_deploy_manifest import (
 )
 
 from sdcog import liveness
-from sdcog.weights import PROJECT_ROOT
+from sdcog.model.weights import PROJECT_ROOT
 
 COGLET_PREDICTIONS = Path("/tmp/coglet/predictions")  # fixed in coglet 0.23.1
 FAST = {"prompt": "a red circle", "num_inference_steps": 2}

@@ -5,8 +5,8 @@ import json
 
 from safetensors.torch import load_file
 
-from sdcog.engine import Engine
-from sdcog.request import resolve_request
+from sdcog.generate.engine import Engine
+from sdcog.resolve.request import resolve_request
 from sdcog_tools.training import Recipe, train
 
 SHORT = Recipe(vae_steps=3, unet_steps=3, latent_pool=64, vae_batch=4, unet_batch=4)

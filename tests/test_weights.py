@@ -6,9 +6,9 @@ import json
 import pytest
 from pipeline_dirs import MODEL_INDEX
 
-from sdcog import weights
-from sdcog.weights import SOURCE_FILE, WeightsError, resolve_weights_dir
-from sdcog.weights_check import inspect_weights
+from sdcog.model import weights
+from sdcog.model.weights import SOURCE_FILE, WeightsError, resolve_weights_dir
+from sdcog.model.weights_check import inspect_weights
 
 
 def pipeline_dir(root):

@@ -1,4 +1,4 @@
-"""What makes a pipeline directory unusable and what the message says to run (sdcog.weights_check):
+"""What makes a pipeline directory unusable and what the message says to run (sdcog.model.weights_check):
 the checks before loading, and the wording of a load that fails anyway."""
 
 import json
@@ -9,9 +9,9 @@ import pytest
 from pipeline_dirs import WEIGHT_STEMS, make_pipeline_dir
 from safetensors.numpy import save_file
 
-from sdcog import weights
-from sdcog.weights import DEFAULT_MODEL_ID, SOURCE_FILE, WeightsError
-from sdcog.weights_check import explain_load_error, inspect_weights
+from sdcog.model import weights
+from sdcog.model.weights import DEFAULT_MODEL_ID, SOURCE_FILE, WeightsError
+from sdcog.model.weights_check import explain_load_error, inspect_weights
 
 DEFAULT_COMMAND = f"script/download-weights {DEFAULT_MODEL_ID}"
 

@@ -272,7 +272,7 @@ def runtime_files() -> list[str]:
 
 def test_dockerignore_keeps_what_the_container_runs(dockerignore):
     files = runtime_files()
-    assert "sdcog/engine.py" in files and "models/shapes-sd/model_index.json" in files
+    assert "sdcog/generate/engine.py" in files and "models/shapes-sd/model_index.json" in files
     # weights/ goes into the image; Cog's build files in .cog/tmp are copied from the context.
     files += ["weights/model_index.json", "weights/unet/config.json", ".cog/tmp/build1/cog-0.0.1.whl"]
     assert [path for path in files if ignored(path, dockerignore)] == []

@@ -20,12 +20,12 @@ from typing import Any
 
 from PIL import Image
 
-from sdcog.adapter_references import AdapterReference, parse_reference
 from sdcog.errors import InputError
-from sdcog.families import ModelFamily
-from sdcog.images import SIZE_MULTIPLE, Outpaint, as_rgb, binary_mask, extend_canvas, round_to_multiple
-from sdcog.infotext import JPEG_PROMPT_BYTES, prompt_lines_utf16_bytes
-from sdcog.schedulers import DEFAULT_SCHEDULER, SCHEDULER_NAMES
+from sdcog.fetch.adapter_references import AdapterReference, parse_reference
+from sdcog.fetch.images import SIZE_MULTIPLE, Outpaint, as_rgb, binary_mask, extend_canvas, round_to_multiple
+from sdcog.model.families import ModelFamily
+from sdcog.resolve.schedulers import DEFAULT_SCHEDULER, SCHEDULER_NAMES
+from sdcog.write.infotext import JPEG_PROMPT_BYTES, prompt_lines_utf16_bytes
 
 SIZE_MIN, SIZE_MAX = 64, 2048
 NUM_OUTPUTS_MIN, NUM_OUTPUTS_MAX = 1, 4
@@ -34,7 +34,7 @@ GUIDANCE_MIN, GUIDANCE_MAX = 0.0, 30.0
 SEED_MIN, SEED_MAX = 0, 2**32 - 1
 MAX_PROMPT_CHARS = 20_000
 """The longest prompt or negative prompt read, in characters: checked first, so a huge one costs
-nothing. 600 tokens (the token limit, `sdcog.prompt_encoding.MAX_PROMPT_TOKENS`) of weighted words
+nothing. 600 tokens (the token limit, `sdcog.generate.prompt_encoding.MAX_PROMPT_TOKENS`) of weighted words
 take well under half of it."""
 OUTPUT_FORMATS = ("webp", "jpg", "png")
 DEFAULT_OUTPUT_FORMAT = "webp"

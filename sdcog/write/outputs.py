@@ -29,15 +29,15 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from sdcog import __version__
-from sdcog.images import MASK_BLUR_PX
-from sdcog.infotext import format_infotext
-from sdcog.request import GenerationRequest, Mode
-from sdcog.safety import SafetyVerdict
-from sdcog.schedulers import SCHEDULERS
+from sdcog.fetch.images import MASK_BLUR_PX
+from sdcog.generate.safety import SafetyVerdict
+from sdcog.resolve.request import GenerationRequest, Mode
+from sdcog.resolve.schedulers import SCHEDULERS
+from sdcog.write.infotext import format_infotext
 
 if TYPE_CHECKING:  # only a type here: loras imports diffusers, which encoding does not need
-    from sdcog.embeddings import AppliedEmbedding
-    from sdcog.loras import AppliedLora
+    from sdcog.generate.embeddings import AppliedEmbedding
+    from sdcog.generate.loras import AppliedLora
 
 EXIF_IFD_POINTER = 0x8769
 EXIF_USER_COMMENT = 0x9286

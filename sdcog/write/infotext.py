@@ -33,7 +33,7 @@ def infotext_line(text: str) -> str:
     breaks included) becomes one space, and a line that would start with `Negative prompt:` starts
     with `negative prompt:` instead. CLIP's tokenizer does the same to every prompt (it collapses
     whitespace and lowercases), so the line encodes to the prompt's own tokens. The exact text is
-    kept beside the infotext (see `sdcog.outputs`).
+    kept beside the infotext (see `sdcog.write.outputs`).
     """
     line = _WHITESPACE.sub(" ", text).strip()
     if line.startswith(NEGATIVE_PREFIX):

@@ -4,7 +4,7 @@
 we know of into a WeightsError that names the file and the command that fixes it (see its
 docstring for what is and is not checked); `explain_load_error` does the same for a failure that
 still happens inside diffusers' `from_pretrained`. Where the weights are, how they are fetched,
-and what to run when a directory is incomplete (`remedy`) is sdcog/weights.py, which this module
+and what to run when a directory is incomplete (`remedy`) is sdcog/model/weights.py, which this module
 builds on and never the other way round.
 """
 
@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
-from sdcog.safetensors_files import MAX_HEADER_BYTES, header_length
-from sdcog.weights import (
+from sdcog.model.safetensors_files import MAX_HEADER_BYTES, header_length
+from sdcog.model.weights import (
     FP16_VARIANT,
     HUB_DOWNLOAD_DIR,
     SOURCE_FILE,

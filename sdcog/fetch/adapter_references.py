@@ -12,7 +12,7 @@ A reference is one of:
 
 A bare `<owner>/<name>` means Replicate, as on Replicate's own models; Hugging Face repos take the
 `huggingface.co/` prefix. Only https is fetched (and only public hosts, unless the operator allows
-local ones: `sdcog.input_files`). Nothing here touches the network except `resolve_download`'s
+local ones: `sdcog.fetch.input_files`). Nothing here touches the network except `resolve_download`'s
 listing of a Hugging Face repository.
 """
 

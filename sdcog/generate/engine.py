@@ -22,7 +22,15 @@ import transformers
 from diffusers import DiffusionPipeline
 from PIL import Image
 
-from sdcog.acceleration import (
+from sdcog.fetch.adapter_cache import AdapterFile
+from sdcog.fetch.images import paste_back
+from sdcog.generate.cancellation import CancelFlag, on_generation_thread
+from sdcog.generate.embeddings import AppliedEmbedding, TextualInversions
+from sdcog.generate.loras import AppliedLora, LoraAdapters
+from sdcog.generate.progress import StepProgress
+from sdcog.generate.prompt_encoding import PromptEncoder
+from sdcog.generate.safety import SafetyVerdict
+from sdcog.model.acceleration import (
     apply_fast_path,
     compile_cache_path,
     compile_mode,
@@ -30,24 +38,16 @@ from sdcog.acceleration import (
     pipeline_dtype,
     save_compile_cache,
 )
-from sdcog.adapter_cache import AdapterFile
-from sdcog.cancellation import CancelFlag, on_generation_thread
-from sdcog.embeddings import AppliedEmbedding, TextualInversions
-from sdcog.families import ModelFamily, detect_family
-from sdcog.images import paste_back
-from sdcog.loras import AppliedLora, LoraAdapters
-from sdcog.progress import StepProgress
-from sdcog.prompt_encoding import PromptEncoder
-from sdcog.request import (
+from sdcog.model.families import ModelFamily, detect_family
+from sdcog.model.weights import WeightsInfo
+from sdcog.model.weights_check import explain_load_error, inspect_weights
+from sdcog.resolve.request import (
     GenerationRequest,
     Mode,
     ModelLimits,
     resolve_request,
 )
-from sdcog.safety import SafetyVerdict
-from sdcog.schedulers import build_scheduler
-from sdcog.weights import WeightsInfo
-from sdcog.weights_check import explain_load_error, inspect_weights
+from sdcog.resolve.schedulers import build_scheduler
 
 log = logging.getLogger(__name__)
 

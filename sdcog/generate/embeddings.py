@@ -36,11 +36,11 @@ from diffusers import DiffusionPipeline
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from sdcog.adapter_cache import AdapterFile
-from sdcog.adapter_references import EMBEDDING
 from sdcog.errors import InputError
-from sdcog.prompt_encoding import text_encoders
-from sdcog.request import EMBEDDING_TOKEN
+from sdcog.fetch.adapter_cache import AdapterFile
+from sdcog.fetch.adapter_references import EMBEDDING
+from sdcog.generate.prompt_encoding import text_encoders
+from sdcog.resolve.request import EMBEDDING_TOKEN
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ for this: the prompt is split into windows of 75 tokens (at a sentence or phrase
 there is one), each window is encoded on its own with its markers, and the windows are joined; a
 weight scales its tokens' embeddings away from those of the empty prompt (or, below 1, blends
 towards the prompt without them). compel parses its own syntax, not AUTOMATIC1111's, so the
-prompt is parsed by `sdcog.prompt_syntax` and handed over as fragments.
+prompt is parsed by `sdcog.generate.prompt_syntax` and handed over as fragments.
 
 SDXL's two text encoders are each run this way and joined along the feature axis, as diffusers
 does for one window; the pooled embedding comes from the second encoder's first window, as in
@@ -27,7 +27,7 @@ from compel.prompt_parser import Fragment as CompelFragment
 from diffusers import DiffusionPipeline
 
 from sdcog.errors import InputError
-from sdcog.prompt_syntax import (
+from sdcog.generate.prompt_syntax import (
     Fragment,
     PromptSyntaxError,
     is_weighted,

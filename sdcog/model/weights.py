@@ -7,7 +7,7 @@ The model serves one diffusers-format pipeline directory (safetensors only):
   so a fresh clone generates real (if tiny) pictures with no download.
 
 Loading is always offline (`local_files_only`): the container never reaches the hub at boot.
-Checking a directory before loading it, and explaining a failed load, is sdcog/weights_check.py,
+Checking a directory before loading it, and explaining a failed load, is sdcog/model/weights_check.py,
 which words its errors with `remedy` from here.
 """
 
@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PROJECT_ROOT = Path(__file__).resolve().parents[2]  # sdcog/model/weights.py -> the project
 DEFAULT_WEIGHTS_DIR = PROJECT_ROOT / "weights"
 BUNDLED_MODEL_DIR = PROJECT_ROOT / "models" / "shapes-sd"
 """The small model trained on the shapes world (`script/train-bundled-model`): the offline default."""
@@ -151,7 +151,7 @@ def download_pipeline(
     return destination
 
 
-# -- what to run when a weights directory is incomplete (sdcog/weights_check.py words the rest) --
+# -- what to run when a weights directory is incomplete (sdcog/model/weights_check.py words the rest) --
 
 Problem = tuple[str, Path | None]
 """What is wrong, and the file to delete before fetching it again (None: nothing to delete)."""

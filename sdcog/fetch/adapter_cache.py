@@ -1,6 +1,6 @@
 """LoRA and embedding files fetched for requests, kept on disk by content hash; least recently used out first.
 
-A reference (see `sdcog.adapter_references`) is fetched once: the file is stored as
+A reference (see `sdcog.fetch.adapter_references`) is fetched once: the file is stored as
 `<sha256>.safetensors`, and `references.json` maps each reference to its hash, so the next request
 naming it (or another reference to the same bytes) reads the disk. When the files pass the size
 limit, the least recently used are deleted (never one the current request uses).
@@ -44,11 +44,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from sdcog.adapter_references import EMBEDDING, LORA, AdapterKind, AdapterReference, resolve_download
 from sdcog.errors import InputError
-from sdcog.input_files import decode_data_uri, fetch_url_to
-from sdcog.request import EmbeddingRequest, LoraRequest
-from sdcog.safetensors_files import NotSafetensors, read_header, sha256_of
+from sdcog.fetch.adapter_references import EMBEDDING, LORA, AdapterKind, AdapterReference, resolve_download
+from sdcog.fetch.input_files import decode_data_uri, fetch_url_to
+from sdcog.model.safetensors_files import NotSafetensors, read_header, sha256_of
+from sdcog.resolve.request import EmbeddingRequest, LoraRequest
 
 log = logging.getLogger(__name__)
 

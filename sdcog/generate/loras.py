@@ -26,10 +26,10 @@ from diffusers.models.attention_processor import FusedAttnProcessor2_0
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from sdcog.adapter_cache import AdapterFile
-from sdcog.adapter_references import LORA
 from sdcog.errors import InputError
-from sdcog.safetensors_files import tensor_data_sha256
+from sdcog.fetch.adapter_cache import AdapterFile
+from sdcog.fetch.adapter_references import LORA
+from sdcog.model.safetensors_files import tensor_data_sha256
 
 log = logging.getLogger(__name__)
 

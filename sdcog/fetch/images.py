@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image, ImageCms, ImageFilter, UnidentifiedImageError
 
 from sdcog.errors import InputError
-from sdcog.image_structure import check_exif, check_structure
+from sdcog.fetch.image_structure import check_exif, check_structure
 
 MASK_BLUR_PX = 4
 MAX_INPUT_PIXELS = 50_000_000
@@ -52,7 +52,7 @@ def open_image(field: str, data: bytes) -> Image.Image:
     Only ACCEPTED_FORMATS are opened, and the size in the file's header is checked before any
     pixel is decoded, so a small file that claims a huge image (a decompression bomb) costs
     nothing. Its structure (chunks, segments, scans, blocks, strips) is counted first too, so a
-    file stuffed with millions of them is refused as cheaply (see sdcog.image_structure). A file
+    file stuffed with millions of them is refused as cheaply (see sdcog.fetch.image_structure). A file
     with several frames (GIF, APNG, WebP, MPO, multi-page TIFF) gives its first. The result is
     "L", "LA", "RGB" or "RGBA", whatever the file held (see `to_8_bit`).
     """

@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 from diffusers import DiffusionPipeline
 
-from sdcog.families import SDXL, ModelFamily
+from sdcog.model.families import SDXL, ModelFamily
 
 log = logging.getLogger(__name__)
 
