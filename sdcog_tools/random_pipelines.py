@@ -161,7 +161,7 @@ def write_vocab_files(tokenizer_dir: Path) -> None:
     (tokenizer_dir / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
-def _text_config(tokenizer: CLIPTokenizer, vocab_size: int | None, **sizes: Any) -> CLIPTextConfig:
+def text_config(tokenizer: CLIPTokenizer, vocab_size: int | None, **sizes: Any) -> CLIPTextConfig:
     return CLIPTextConfig(
         vocab_size=vocab_size or len(tokenizer),
         max_position_embeddings=MAX_TOKENS,
@@ -172,7 +172,7 @@ def _text_config(tokenizer: CLIPTokenizer, vocab_size: int | None, **sizes: Any)
     )
 
 
-def _vae(block_out_channels: tuple[int, ...], norm_num_groups: int, **extra: Any) -> AutoencoderKL:
+def vae_model(block_out_channels: tuple[int, ...], norm_num_groups: int, **extra: Any) -> AutoencoderKL:
     """Four blocks, so the VAE downsamples by 8 as the real one does."""
     return AutoencoderKL(
         in_channels=3,
@@ -198,7 +198,7 @@ _TINY_UNET = dict(
 
 
 def _tiny_vae(**extra: Any) -> AutoencoderKL:
-    return _vae((8, 16, 32, 32), norm_num_groups=8, sample_size=128, **extra)
+    return vae_model((8, 16, 32, 32), norm_num_groups=8, sample_size=128, **extra)
 
 
 def _safety_checker(image_size: int, projection_dim: int, **vision: Any) -> StableDiffusionSafetyChecker:
@@ -231,7 +231,7 @@ class Preset:
 
 def _tiny_sd15() -> DiffusionPipeline:
     tokenizer = make_tokenizer()
-    text = _text_config(tokenizer, None, **_TINY_CLIP)
+    text = text_config(tokenizer, None, **_TINY_CLIP)
     return StableDiffusionPipeline(
         unet=UNet2DConditionModel(**_TINY_UNET, cross_attention_dim=32, attention_head_dim=8),
         vae=_tiny_vae(),
@@ -262,8 +262,8 @@ def _tiny_sdxl() -> DiffusionPipeline:
             projection_class_embeddings_input_dim=6 * time_embed_dim + sizes["projection_dim"],
         ),
         vae=_tiny_vae(force_upcast=True),
-        text_encoder=CLIPTextModel(_text_config(tokenizer, None, **sizes)),
-        text_encoder_2=CLIPTextModelWithProjection(_text_config(tokenizer_2, None, **sizes)),
+        text_encoder=CLIPTextModel(text_config(tokenizer, None, **sizes)),
+        text_encoder_2=CLIPTextModelWithProjection(text_config(tokenizer_2, None, **sizes)),
         tokenizer=tokenizer,
         tokenizer_2=tokenizer_2,
         scheduler=EulerDiscreteScheduler.from_config(SDXL_SCHEDULER),
@@ -271,7 +271,7 @@ def _tiny_sdxl() -> DiffusionPipeline:
 
 
 def _clip_vit_l(tokenizer: CLIPTokenizer) -> CLIPTextConfig:
-    return _text_config(
+    return text_config(
         tokenizer,
         REAL_VOCAB_SIZE,
         hidden_size=768,
@@ -295,7 +295,7 @@ def _sd15_real_arch() -> DiffusionPipeline:
             cross_attention_dim=768,
             attention_head_dim=8,
         ),
-        vae=_vae((128, 256, 512, 512), norm_num_groups=32, layers_per_block=2, sample_size=512),
+        vae=vae_model((128, 256, 512, 512), norm_num_groups=32, layers_per_block=2, sample_size=512),
         text_encoder=CLIPTextModel(_clip_vit_l(tokenizer)),
         tokenizer=tokenizer,
         scheduler=PNDMScheduler.from_config(SD15_SCHEDULER),
@@ -317,7 +317,7 @@ def _sd15_real_arch() -> DiffusionPipeline:
 
 def _sdxl_real_arch() -> DiffusionPipeline:
     tokenizer, tokenizer_2 = make_tokenizer(), make_tokenizer(pad_token="!")
-    open_clip_big_g = _text_config(
+    open_clip_big_g = text_config(
         tokenizer_2,
         REAL_VOCAB_SIZE,
         hidden_size=1280,
@@ -342,7 +342,7 @@ def _sdxl_real_arch() -> DiffusionPipeline:
             addition_time_embed_dim=256,
             projection_class_embeddings_input_dim=2816,
         ),
-        vae=_vae(
+        vae=vae_model(
             (128, 256, 512, 512),
             norm_num_groups=32,
             layers_per_block=2,

@@ -48,7 +48,13 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from transformers import CLIPTextModel
 
 from sdcog.model.weights import BUNDLED_MODEL_DIR
-from sdcog_tools.random_pipelines import SD15_SCHEDULER, _text_config, _vae, make_tokenizer, write_vocab_files
+from sdcog_tools.random_pipelines import (
+    SD15_SCHEDULER,
+    make_tokenizer,
+    text_config,
+    vae_model,
+    write_vocab_files,
+)
 from sdcog_tools.shapes import COLOURS, HELD_OUT_SCENES, IMAGE_SIZE, TRAIN_SCENES, Scene, render
 
 LATENT_SIZE = IMAGE_SIZE // 8
@@ -142,7 +148,8 @@ def _warmup_cosine(optimizer: torch.optim.Optimizer, steps: int) -> torch.optim.
 
 
 def train_vae(recipe: Recipe, rng: random.Random, curve: Curve, device: str) -> AutoencoderKL:
-    vae = _vae(recipe.vae_channels, norm_num_groups=8, sample_size=IMAGE_SIZE, layers_per_block=1).to(device)
+    vae = vae_model(recipe.vae_channels, norm_num_groups=8, sample_size=IMAGE_SIZE, layers_per_block=1)
+    vae = vae.to(device)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=recipe.vae_lr, weight_decay=0.0)
     schedule = _warmup_cosine(optimizer, recipe.vae_steps)
     running = 0.0
@@ -194,7 +201,7 @@ class LatentPool:
 def build_denoiser(recipe: Recipe, tokenizer) -> tuple[UNet2DConditionModel, CLIPTextModel]:
     width = recipe.text_width
     text_encoder = CLIPTextModel(
-        _text_config(
+        text_config(
             tokenizer,
             None,
             hidden_size=width,
