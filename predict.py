@@ -18,6 +18,7 @@ from sdcog.generate.cancellation import run_cancellable
 from sdcog.generate.engine import Engine
 from sdcog.heap import HeapTrimmer
 from sdcog.model.weights import resolve_weights_dir
+from sdcog.pinned_internals import log_unchecked_internals
 from sdcog.resolve.request import resolve_request
 from sdcog.write.outputs import OutputDirectory, write_outputs
 
@@ -27,6 +28,7 @@ log = logging.getLogger("sdcog")
 class Predictor(BasePredictor):
     def setup(self) -> None:
         logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout, force=True)
+        log_unchecked_internals()
         guard_cog_downloads()
         self.engine = Engine.load(resolve_weights_dir())
         self.outputs = OutputDirectory()
@@ -185,23 +187,10 @@ class Predictor(BasePredictor):
             for index, image_seed in enumerate(request.seeds):
                 log.info("image %d: seed %d", index, image_seed)
             tokens = adapter_tokens(_secret(hf_api_token), _secret(replicate_api_token))
-            lora_files = self.adapters.fetch_loras(request.loras, tokens)
-            embedding_files = self.adapters.fetch_embeddings(
-                request.embeddings, tokens, keep=frozenset(file.sha256 for file, _ in lora_files)
-            )
+            adapters = self.adapters.fetch_for(request, tokens)
             # In a worker thread, so that a cancel stops it between two denoising steps.
-            generation = run_cancellable(
-                lambda cancel: self.engine.generate(request, cancel, lora_files, embedding_files)
-            )
-            paths = write_outputs(
-                generation.images,
-                request,
-                self.engine.weights.name,
-                self.outputs.next(),
-                generation.safety,
-                generation.loras,
-                generation.embeddings,
-            )
+            generation = run_cancellable(lambda cancel: self.engine.generate(request, cancel, adapters))
+            paths = write_outputs(generation, request, self.engine.weights.name, self.outputs.next())
             return [Path(path) for path in paths]
         finally:
             liveness.prediction_ended()

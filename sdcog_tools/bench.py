@@ -42,6 +42,7 @@ from PIL import Image, ImageDraw
 
 from sdcog.generate.cancellation import on_generation_thread
 from sdcog.generate.engine import Engine
+from sdcog.generate.generation import Generation
 from sdcog.generate.progress import StepProgress
 from sdcog.heap import HeapTrimmer
 from sdcog.model.acceleration import COMPILE_ENV, COMPILE_MODES, compile_mode
@@ -276,7 +277,7 @@ def measure_encoding(engine: Engine, reps: int, directory: Path) -> dict[str, An
     images, times = [sample_picture(1024, index) for index in range(4)], []
     for _ in range(max(reps, 3) + 1):
         started = time.perf_counter()
-        paths = write_outputs(images, request, engine.weights.name, directory, None)
+        paths = write_outputs(Generation(images), request, engine.weights.name, directory)
         times.append(1000 * (time.perf_counter() - started))
     return {
         "ms": median(times[1:]),
@@ -417,7 +418,7 @@ def project_path(engine: Engine, inputs: dict[str, Any], directory: Path) -> Cal
         request = resolve_request(engine.limits, **inputs)
         # On the thread where predict() generates (CUDA graphs of a compiled UNet belong to it).
         generation = on_generation_thread(lambda: engine.generate(request))
-        write_outputs(generation.images, request, engine.weights.name, directory, generation.safety)
+        write_outputs(generation, request, engine.weights.name, directory)
 
     return run
 

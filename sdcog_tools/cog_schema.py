@@ -27,6 +27,7 @@ import cog
 from cog import _adt, _inspector
 
 from sdcog.model.weights import PROJECT_ROOT
+from sdcog.pinned_internals import relies_on_internals
 
 DEFAULT_REF = "predict.py:Predictor"
 DEFAULT_OUTPUT = PROJECT_ROOT / ".cog" / "openapi_schema.json"
@@ -47,6 +48,7 @@ def _number(value: float) -> int | float:
     return int(value) if float(value).is_integer() else value
 
 
+@relies_on_internals("cog", "0.23.1", "cog._inspector.create_predictor, which reads predict()'s inputs")
 def load_predictor_info(ref: str = DEFAULT_REF, root: Path = PROJECT_ROOT) -> _adt.PredictorInfo:
     """Cog's own reading of the predictor named by `ref` ("file.py:Class"), imported from `root`."""
     file_name, _, predictor_name = ref.partition(":")
@@ -117,6 +119,7 @@ def input_properties(schema: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return properties
 
 
+@relies_on_internals("cog", "0.23.1", "cog._adt's input types, which it writes as OpenAPI")
 def build_schema(info: _adt.PredictorInfo, version: str = cog.__version__) -> dict[str, Any]:
     """The OpenAPI 3.0.2 document Cog writes for a predictor (prediction mode)."""
     properties: dict[str, Any] = {}

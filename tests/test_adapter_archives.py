@@ -34,7 +34,7 @@ from hostile_archives import (
 from lora_files import StaticServer
 
 from sdcog.errors import InputError
-from sdcog.fetch import adapter_cache
+from sdcog.fetch import adapter_archives
 from sdcog.fetch.adapter_cache import AdapterCache, AdapterFile
 from sdcog.fetch.adapter_references import EMBEDDING, LORA, parse_reference
 from sdcog.fetch.input_files import decode_data_uri
@@ -136,11 +136,11 @@ def test_a_million_members_are_refused_quickly_whatever_the_limit(tmp_path):
     reference = data_uri(many_members(1_000_000))
     for limit in ("1", ""):  # "": the default, 2000 MB, over the 512 MB the headers unpack to
         message = refusal(cache_for(tmp_path / (limit or "default"), limit), "lora_weights", reference)
-        assert f"its archive has more than {adapter_cache.MAX_TAR_MEMBERS} members" in message
+        assert f"its archive has more than {adapter_archives.MAX_TAR_MEMBERS} members" in message
 
 
 def test_an_archive_of_as_many_members_as_allowed_is_read(tmp_path):
-    members = {f"empty-{index}": b"" for index in range(adapter_cache.MAX_TAR_MEMBERS - 1)} | {
+    members = {f"empty-{index}": b"" for index in range(adapter_archives.MAX_TAR_MEMBERS - 1)} | {
         LORA_MEMBER: small_safetensors()
     }
     file = fetch(cache_for(tmp_path), "lora_weights", data_uri(tar(members, "gz")))

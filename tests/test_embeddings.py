@@ -17,7 +17,7 @@ from safetensors.torch import save, save_file
 
 from sdcog.errors import InputError
 from sdcog.fetch import adapter_references
-from sdcog.fetch.adapter_cache import AdapterCache, AdapterFile
+from sdcog.fetch.adapter_cache import AdapterCache, AdapterFile, FetchedAdapters, FetchedEmbedding
 from sdcog.generate.cancellation import CancelFlag, Cancelled
 from sdcog.generate.engine import Engine
 from sdcog.generate.prompt_encoding import text_encoders
@@ -83,7 +83,8 @@ def generate(engine, embeddings=(), prompt=PROMPT, negative_prompt="", cancel=No
         num_inference_steps=steps,
         seed=7,
     )
-    generation = engine.generate(request, cancel, embeddings=list(embeddings))
+    fetched = FetchedAdapters(embeddings=tuple(FetchedEmbedding(*embedding) for embedding in embeddings))
+    generation = engine.generate(request, cancel, fetched)
     return np.asarray(generation.images[0], dtype=np.int16), generation
 
 

@@ -97,7 +97,7 @@ def generate(engine, cache, lora_weights=None, lora_scales=None, prompt="a red c
         lora_weights=lora_weights,
         lora_scales=lora_scales,
     )
-    generation = engine.generate(request, loras=cache.fetch_loras(request.loras))
+    generation = engine.generate(request, adapters=cache.fetch_for(request))
     return np.asarray(generation.images[0], dtype=np.int16), generation
 
 
@@ -267,7 +267,8 @@ def test_loras_reach_the_attention_when_qkv_projections_are_fused(tiny_sd15, cac
     """The GPU fast path fuses q, k and v into one matrix, which a LoRA on to_q/to_k/to_v misses."""
     plain = Engine.load(tiny_sd15)
     fused = Engine.load(tiny_sd15)
-    optimize_modules(fused.pipeline)  # what the fast path does on a GPU
+    optimize_modules(fused.pipeline)  # what the fast path does on a GPU, before Engine.load builds:
+    fused.loras = LoraAdapters(fused.pipeline)
     url = f"{server.url}/style.safetensors"
     for _ in range(2):  # switching back and forth, more than once (found on an H100)
         assert np.abs(generate(fused, cache, url)[0] - generate(plain, cache, url)[0]).max() <= 2

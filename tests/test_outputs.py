@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from sdcog.errors import InputError
+from sdcog.generate.generation import Generation
 from sdcog.model.families import SD1
 from sdcog.model.weights import BUNDLED_MODEL_DIR
 from sdcog.resolve.request import MAX_PROMPT_CHARS, ModelLimits, resolve_request
@@ -74,7 +75,7 @@ def test_each_format_embeds_the_parameters_of_its_own_image(tmp_path, output_for
         output_format=output_format,
     )
     images = [Image.new("RGB", (64, 64), colour) for colour in ("red", "blue")]
-    paths = write_outputs(images, request, "tiny", tmp_path)
+    paths = write_outputs(Generation(images), request, "tiny", tmp_path)
     assert [path.name for path in paths] == [f"out-0.{output_format}", f"out-1.{output_format}"]
     for path, seed in zip(paths, (100, 101), strict=True):
         with Image.open(path) as image:
@@ -87,7 +88,7 @@ def test_each_format_embeds_the_parameters_of_its_own_image(tmp_path, output_for
 
 def test_png_parameters_chunk_is_what_automatic1111_reads(tmp_path):
     request = resolve_request(LIMITS, prompt="a cat", seed=5, output_format="png")
-    [path] = write_outputs([Image.new("RGB", (64, 64))], request, "tiny", tmp_path)
+    [path] = write_outputs(Generation([Image.new("RGB", (64, 64))]), request, "tiny", tmp_path)
     with Image.open(path) as image:
         assert "Seed: 5" in image.info["parameters"]
 
@@ -176,7 +177,7 @@ def test_the_exact_prompts_are_kept_beside_the_infotext(tmp_path, output_format)
     request = resolve_request(
         LIMITS, prompt=prompt, negative_prompt=negative, seed=1, output_format=output_format
     )
-    [path] = write_outputs([Image.new("RGB", (64, 64))], request, "tiny", tmp_path)
+    [path] = write_outputs(Generation([Image.new("RGB", (64, 64))]), request, "tiny", tmp_path)
     assert read_exact_texts(path) == {"prompt": prompt, "negative_prompt": negative}
     assert automatic1111_parse(read_infotext(path))[2]["Steps"] == "30"
 
@@ -190,7 +191,9 @@ def test_the_longest_prompts_fit_every_format_or_are_refused_naming_output_forma
             resolve_request(LIMITS, **inputs)
         assert refused.value.field == "output_format"
         inputs.update(negative_prompt="", prompt="\u4e2d" * 14_000)  # fits; the exact text does not
-    [path] = write_outputs([Image.new("RGB", (64, 64))], resolve_request(LIMITS, **inputs), "tiny", tmp_path)
+    [path] = write_outputs(
+        Generation([Image.new("RGB", (64, 64))]), resolve_request(LIMITS, **inputs), "tiny", tmp_path
+    )
     assert automatic1111_parse(read_infotext(path))[0] == inputs["prompt"]
     exact = read_exact_texts(path)
     assert exact is None if output_format == "jpg" else exact["prompt"] == longest

@@ -44,7 +44,7 @@ def test_nothing_flagged_keeps_every_image_and_records_that_the_checker_passed_i
     request, generation = generate(engine)
     assert generation.safety == [SafetyVerdict.PASSED] * 3
     assert not any(is_black(image) for image in generation.images)
-    paths = write_outputs(generation.images, request, "tiny", tmp_path, generation.safety)
+    paths = write_outputs(generation, request, "tiny", tmp_path)
     assert parse_infotext_fields(read_infotext(paths[0]))["Safety checker"] == "passed"
 
 
@@ -74,7 +74,7 @@ def test_a_flagged_image_becomes_black_in_its_place_and_is_reported(engine, tmp_
             assert np.array_equal(np.asarray(image), np.asarray(unchecked.images[index]))
     assert f"image {flagged_index} (seed {5 + flagged_index}) was flagged" in caplog.text
     assert "were flagged" not in caplog.text
-    paths = write_outputs(generation.images, request, "tiny", tmp_path, generation.safety)
+    paths = write_outputs(generation, request, "tiny", tmp_path)
     verdicts = [parse_infotext_fields(read_infotext(path))["Safety checker"] for path in paths]
     assert verdicts == [
         (SafetyVerdict.FLAGGED if i == flagged_index else SafetyVerdict.PASSED).label for i in range(3)

@@ -7,15 +7,11 @@ limit, the least recently used are deleted (never one the current request uses).
 
 Only safetensors files are kept: anything else (a pickled `.ckpt`/`.bin`, an HTML error page) is
 refused before it is stored, so nothing but tensors is ever loaded. A Replicate model's weights
-arrive as a tar (plain, gzip, bzip2 or xz): its LoRA (`lora.safetensors`) or its embeddings
-(`embeddings.pti`, safetensors too) is copied out and stored; nothing else of it reaches the disk.
-An archive is hostile until read: its decompressed stream is counted as it is read and refused
-past the limit (so is a member whose header says it is larger), it may have at most
-`MAX_TAR_MEMBERS` members, and one level only is unpacked (a member that is itself an archive is
-not a safetensors file, so it is refused). Everything a reference writes to disk, its download and
-the member copied out of it together, is at most the limit; a failed fetch leaves nothing behind,
-and a stored file that then fails to load (not a LoRA, another model family) is forgotten: see
-`AdapterFile.reject`.
+arrive as a tar, from which `sdcog.fetch.adapter_archives` copies out its LoRA (`lora.safetensors`)
+or its embeddings (`embeddings.pti`, safetensors too). Everything a reference writes to disk, its
+download and the member copied out of it together, is at most the limit; a failed fetch leaves
+nothing behind, and a stored file that then fails to load (not a LoRA, another model family) is
+forgotten: see `AdapterFile.reject`.
 
 Operator settings:
 - `SDCOG_ADAPTER_CACHE`: the directory (default `~/.cache/sdcog/adapters`);
@@ -26,47 +22,34 @@ Operator settings:
 
 from __future__ import annotations
 
-import bz2
 import dataclasses
-import gzip
 import hashlib
 import json
 import logging
-import lzma
 import os
-import tarfile
 import tempfile
 import time
-import zlib
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import NamedTuple
 
 from sdcog.errors import InputError
+from sdcog.fetch.adapter_archives import MAX_ADAPTER_MB_ENV, is_tar, safetensors_from_tar
 from sdcog.fetch.adapter_references import EMBEDDING, LORA, AdapterKind, AdapterReference, resolve_download
 from sdcog.fetch.input_files import decode_data_uri, fetch_url_to
 from sdcog.model.safetensors_files import NotSafetensors, read_header, sha256_of
-from sdcog.resolve.request import EmbeddingRequest, LoraRequest
+from sdcog.resolve.request import EmbeddingRequest, GenerationRequest, LoraRequest
 
 log = logging.getLogger(__name__)
 
 CACHE_DIR_ENV = "SDCOG_ADAPTER_CACHE"
 CACHE_GB_ENV = "SDCOG_ADAPTER_CACHE_GB"
-MAX_ADAPTER_MB_ENV = "SDCOG_MAX_ADAPTER_MB"
 DEFAULT_CACHE_GB = 20
 DEFAULT_MAX_ADAPTER_MB = 2000
 INDEX_FILE = "references.json"
 TOKEN_ENVS = {"huggingface": "HF_TOKEN", "replicate": "REPLICATE_API_TOKEN"}
 _SUFFIX = ".safetensors"
-MAX_TAR_MEMBERS = 1000
-"""The most members a weights archive may have (Replicate's hold a handful)."""
-_MAX_EXTENSION_HEADER = 1 << 20
-"""The largest pax or GNU long-name header read (tarfile reads one whole into memory)."""
-_MAX_EXTENSION_CHAIN = 8
-"""The most such headers in a row before a member (tarfile reads each chain recursively)."""
-_CHUNK = 1 << 20
 
 
 def adapter_tokens(
@@ -96,6 +79,25 @@ class AdapterFile:
             self.stored_by.forget(self.sha256)
 
 
+class FetchedLora(NamedTuple):
+    file: AdapterFile
+    scale: float
+
+
+class FetchedEmbedding(NamedTuple):
+    file: AdapterFile
+    token: str | None
+    """The word the request gave it; None: the file's own name."""
+
+
+@dataclass(frozen=True)
+class FetchedAdapters:
+    """What a request's `lora_weights` and `embeddings` name, on disk, in the request's order."""
+
+    loras: tuple[FetchedLora, ...] = ()
+    embeddings: tuple[FetchedEmbedding, ...] = ()
+
+
 class AdapterCache:
     def __init__(self, root: Path, max_bytes: int, max_file_bytes: int):
         self.root = Path(root)
@@ -117,22 +119,32 @@ class AdapterCache:
             max_file_bytes=int(float(environ.get(MAX_ADAPTER_MB_ENV) or DEFAULT_MAX_ADAPTER_MB) * 1e6),
         )
 
+    def fetch_for(
+        self, request: GenerationRequest, tokens: Mapping[str, str] | None = None
+    ) -> FetchedAdapters:
+        """Every LoRA and embedding file the request names, none evicting another."""
+        loras = self.fetch_loras(request.loras, tokens)
+        embeddings = self.fetch_embeddings(
+            request.embeddings, tokens, keep=frozenset(lora.file.sha256 for lora in loras)
+        )
+        return FetchedAdapters(loras=tuple(loras), embeddings=tuple(embeddings))
+
     def fetch_loras(
         self, loras: Sequence[LoraRequest], tokens: Mapping[str, str] | None = None
-    ) -> list[tuple[AdapterFile, float]]:
+    ) -> list[FetchedLora]:
         """Each LoRA's file (fetched or from the disk) with its scale."""
         files = self.fetch_all(LORA, [lora.reference for lora in loras], tokens)
-        return [(file, lora.scale) for file, lora in zip(files, loras, strict=True)]
+        return [FetchedLora(file, lora.scale) for file, lora in zip(files, loras, strict=True)]
 
     def fetch_embeddings(
         self,
         embeddings: Sequence[EmbeddingRequest],
         tokens: Mapping[str, str] | None = None,
         keep: frozenset[str] = frozenset(),
-    ) -> list[tuple[AdapterFile, str | None]]:
+    ) -> list[FetchedEmbedding]:
         """Each embedding's file with the word the request gave it (None: the file's own)."""
         files = self.fetch_all(EMBEDDING, [embedding.reference for embedding in embeddings], tokens, keep)
-        return [(file, embedding.token) for file, embedding in zip(files, embeddings, strict=True)]
+        return [FetchedEmbedding(file, asked.token) for file, asked in zip(files, embeddings, strict=True)]
 
     def fetch_all(
         self,
@@ -202,8 +214,8 @@ class AdapterCache:
                     url = resolve_download(kind, reference, token)
                     headers = {"Authorization": f"Bearer {token}"} if token else None
                     fetch_url_to(sink, field, url, limit, headers=headers, setting=MAX_ADAPTER_MB_ENV)
-            if _is_tar(body):
-                body = _safetensors_from_tar(kind, reference, body, Path(incoming) / "member", limit)
+            if is_tar(body):
+                body = safetensors_from_tar(kind, reference, body, Path(incoming) / "member", limit)
             _check_safetensors(field, reference, body)
             sha256 = sha256_of(body)
             size = body.stat().st_size
@@ -247,192 +259,3 @@ def _check_safetensors(field: str, reference: AdapterReference, path: Path) -> N
             f"{reference.name}: what {reference.text[:80]!r} points to is not a safetensors file; only "
             "safetensors weights are loaded (pickled .ckpt, .pt and .bin files never are)",
         ) from error
-
-
-def _too_large(field: str, reference: AdapterReference, what: str, limit: int) -> InputError:
-    """`what` ends with "over" or "past": the limit follows."""
-    return InputError(
-        field, f"{reference.name}: {what} the limit of {limit / 1e6:g} MB ({MAX_ADAPTER_MB_ENV})"
-    )
-
-
-_COMPRESSIONS = (
-    (b"\x1f\x8b", lambda raw: gzip.GzipFile(fileobj=raw, mode="rb")),
-    (b"BZh", bz2.BZ2File),
-    (b"\xfd7zXZ\x00", lzma.LZMAFile),
-    (b"\x5d\x00\x00\x80", lzma.LZMAFile),  # the legacy .lzma format, which tarfile also reads
-)
-_DECOMPRESSION_ERRORS = (OSError, EOFError, lzma.LZMAError, zlib.error)
-
-
-def _decompressed(raw: BinaryIO) -> BinaryIO:
-    """`raw`, decompressed if it starts as gzip, bzip2 or xz data do; read as it goes, never whole."""
-    magic = raw.read(6)
-    raw.seek(0)
-    for prefix, opener in _COMPRESSIONS:
-        if magic.startswith(prefix):
-            return opener(raw)
-    return raw
-
-
-class _Unpacked:
-    """The bytes of a decompressing stream, counted as they are read: an InputError naming the
-    field and SDCOG_MAX_ADAPTER_MB once past `limit`. Each read asks the decompressor for at most
-    one byte past the limit, so neither memory nor time can run past it; a damaged stream is a
-    `tarfile.ReadError`."""
-
-    def __init__(self, source: BinaryIO, limit: int, field: str, reference: AdapterReference):
-        self.source, self.limit, self.field, self.reference = source, limit, field, reference
-        self.count = 0
-
-    def read(self, size: int = -1) -> bytes:
-        room = self.limit - self.count + 1
-        try:
-            data = self.source.read(room if size is None or size < 0 else min(size, room))
-        except _DECOMPRESSION_ERRORS as error:
-            raise tarfile.ReadError(f"{type(error).__name__}: {error}") from error
-        self.count += len(data)
-        if self.count > self.limit:
-            raise _too_large(self.field, self.reference, "its archive decompresses past", self.limit)
-        return data
-
-
-class _CheckedTarInfo(tarfile.TarInfo):
-    """tarfile's member headers, with the extensions that make it read without bounds refused:
-    pax and GNU long-name headers are read whole into memory (at most `_MAX_EXTENSION_HEADER`
-    here) and recursively (at most `_MAX_EXTENSION_CHAIN` in a row); GNU sparse maps grow a list
-    per block (sparse members are refused: weights are never sparse)."""
-
-    _EXTENSIONS = (
-        tarfile.GNUTYPE_LONGNAME,
-        tarfile.GNUTYPE_LONGLINK,
-        tarfile.XHDTYPE,
-        tarfile.XGLTYPE,
-        tarfile.SOLARIS_XHDTYPE,
-    )
-
-    def _proc_member(self, tarfile_):
-        if self.type == tarfile.GNUTYPE_SPARSE:
-            raise tarfile.ReadError(f"{self.name!r} is a sparse member")
-        if self.type not in self._EXTENSIONS:
-            return super()._proc_member(tarfile_)
-        if self.size > _MAX_EXTENSION_HEADER:
-            raise tarfile.ReadError(f"an extended header of {self.size:,} bytes")
-        chain = getattr(tarfile_, "_sdcog_extension_chain", 0) + 1
-        if chain > _MAX_EXTENSION_CHAIN:
-            raise tarfile.ReadError(f"more than {_MAX_EXTENSION_CHAIN} extended headers in a row")
-        tarfile_._sdcog_extension_chain = chain
-        try:
-            return super()._proc_member(tarfile_)
-        finally:
-            tarfile_._sdcog_extension_chain = chain - 1
-
-    def _proc_gnusparse_00(self, *args):
-        raise tarfile.ReadError("a sparse member")
-
-    _proc_gnusparse_01 = _proc_gnusparse_10 = _proc_gnusparse_00
-
-
-def _is_tar(path: Path) -> bool:
-    """Whether the file (or what it decompresses to) starts with a tar header; reads 512 bytes of it."""
-    try:
-        with path.open("rb") as raw, _decompressed(raw) as stream:
-            block = stream.read(tarfile.BLOCKSIZE)
-        tarfile.TarInfo.frombuf(block, tarfile.ENCODING, "surrogateescape")
-    except (tarfile.TarError, *_DECOMPRESSION_ERRORS):
-        return False
-    return True
-
-
-@contextmanager
-def _tar_members(
-    archive: Path, field: str, reference: AdapterReference, limit: int
-) -> Iterator[tuple[tarfile.TarFile, Iterator[tarfile.TarInfo]]]:
-    """The archive's members, read as a stream front to back (tarfile's stream mode never seeks
-    back), its decompressed bytes at most `limit` and its members at most `MAX_TAR_MEMBERS`. A
-    damaged archive is an InputError naming `field`."""
-    try:
-        with archive.open("rb") as raw, _decompressed(raw) as stream:
-            unpacked = _Unpacked(stream, limit, field, reference)
-            with tarfile.open(fileobj=unpacked, mode="r|", tarinfo=_CheckedTarInfo) as tar:
-
-                def members() -> Iterator[tarfile.TarInfo]:
-                    for count, member in enumerate(tar, 1):
-                        if count > MAX_TAR_MEMBERS:
-                            raise InputError(
-                                field,
-                                f"{reference.name}: its archive has more than {MAX_TAR_MEMBERS} members; "
-                                "a model's weights archive has a few",
-                            )
-                        yield member
-
-                yield tar, members()
-    except tarfile.TarError as error:
-        message = f"{reference.name}: its archive is damaged or cannot be read ({error})"
-        raise InputError(field, message) from error
-
-
-def _safetensors_from_tar(
-    kind: AdapterKind, reference: AdapterReference, archive: Path, out: Path, limit: int
-) -> Path:
-    """The tar's member for `kind` (a Replicate model's weights), copied to `out`, the archive and it
-    together at most `limit` bytes. Its `kind.tar_member` is taken as soon as it is met; otherwise
-    its only .safetensors file, read in a second pass once the first has seen them all."""
-    field = kind.field
-    candidates: list[tuple[int, str]] = []
-    with _tar_members(archive, field, reference, limit) as (tar, members):
-        for index, member in enumerate(members):
-            if not (member.isfile() and (member.name.endswith(_SUFFIX) or _is_tar_member(kind, member))):
-                continue
-            if _is_tar_member(kind, member):  # Replicate's trainers write lora.safetensors and embeddings.pti
-                _copy_member(kind, reference, tar, member, archive, out, limit)
-                return out
-            candidates.append((index, member.name))
-    if not candidates:
-        raise InputError(field, f"{reference.name}: the archive it points to holds no .safetensors file")
-    if len(candidates) > 1:
-        names = ", ".join(_shown(name) for _, name in candidates[:5])
-        raise InputError(field, f"{reference.name}: its archive has several .safetensors files ({names})")
-    with _tar_members(archive, field, reference, limit) as (tar, members):
-        for index, member in enumerate(members):
-            if index == candidates[0][0]:
-                _copy_member(kind, reference, tar, member, archive, out, limit)
-                return out
-    raise InputError(field, f"{reference.name}: its archive changed between two readings")
-
-
-def _is_tar_member(kind: AdapterKind, member: tarfile.TarInfo) -> bool:
-    return Path(member.name).name == kind.tar_member
-
-
-def _shown(name: str) -> str:
-    """A member's name for a message: an archive's names may be long, up to a pax header's size."""
-    return name if len(name) <= 80 else name[:77] + "..."
-
-
-def _copy_member(
-    kind: AdapterKind,
-    reference: AdapterReference,
-    tar: tarfile.TarFile,
-    member: tarfile.TarInfo,
-    archive: Path,
-    out: Path,
-    limit: int,
-) -> None:
-    """Copy `member` to `out`, refused from its header when the archive and it would be over `limit`."""
-    size = archive.stat().st_size
-    room = limit - size
-    what = (
-        f"its archive ({size / 1e6:.3g} MB) and the {_shown(member.name)} in it "
-        f"({member.size / 1e6:.3g} MB) would take {(size + member.size) / 1e6:.3g} MB on disk, over"
-    )
-    if member.size > room:
-        raise _too_large(kind.field, reference, what, limit)
-    source = tar.extractfile(member)
-    written = 0
-    with out.open("wb") as sink:
-        while chunk := source.read(_CHUNK):
-            written += len(chunk)
-            if written > room:  # tarfile reads no more than the header's size: a second guard
-                raise _too_large(kind.field, reference, what, limit)
-            sink.write(chunk)

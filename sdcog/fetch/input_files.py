@@ -35,6 +35,7 @@ from typing import BinaryIO
 import httpx
 
 from sdcog.errors import InputError
+from sdcog.pinned_internals import relies_on_internals
 
 log = logging.getLogger(__name__)
 
@@ -197,6 +198,7 @@ def read_reference(field: str, reference: str) -> bytes:
     raise InputError(field, f"must be an https URL or a data URI, got {shown!r}")
 
 
+@relies_on_internals("cog", "0.23.1", "cog.types.URLPath.convert and cog.types.Path.validate, replaced")
 def guard_cog_downloads() -> bool:
     """Make Cog hand URL and data-URI file inputs to `predict()` untouched; True if installed.
 

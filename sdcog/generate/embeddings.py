@@ -37,9 +37,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from sdcog.errors import InputError
-from sdcog.fetch.adapter_cache import AdapterFile
+from sdcog.fetch.adapter_cache import AdapterFile, FetchedEmbedding
 from sdcog.fetch.adapter_references import EMBEDDING
 from sdcog.generate.prompt_encoding import text_encoders
+from sdcog.pinned_internals import relies_on_internals
 from sdcog.resolve.request import EMBEDDING_TOKEN
 
 log = logging.getLogger(__name__)
@@ -128,16 +129,16 @@ class TextualInversions:
             self.slot_ids.append(_add_slots(tokenizer, encoder, self.slots))
 
     @contextmanager
-    def applied(self, files: Sequence[tuple[AdapterFile, str | None]]) -> Iterator[ActiveEmbeddings]:
-        """The embeddings of `files` (each with the word the request gave it, or None) while the
-        block runs; every file is read and checked before any slot is written."""
+    def applied(self, files: Sequence[FetchedEmbedding]) -> Iterator[ActiveEmbeddings]:
+        """The embeddings of `files` (each with the word the request gave it, or None: the file's
+        own) while the block runs; every file is read and checked before any slot is written."""
         active = ActiveEmbeddings()
         if not files:
             yield active
             return
         by_word: dict[str, _Embedding] = {}
-        for file, token in files:
-            embedding = self._read(file, token)
+        for fetched in files:
+            embedding = self._read(fetched.file, fetched.token)
             word = embedding.applied.name.lower()
             if word in by_word:
                 raise InputError(
@@ -234,6 +235,7 @@ class TextualInversions:
         return own_token, tuple(tensor.float() for tensor in tensors)
 
 
+@relies_on_internals("transformers", "5.23.0", "the eos_token_id attribute by which CLIP's text model pools")
 def _pool_at_the_end_token(tokenizer, encoder) -> None:
     """Make CLIP pool at the end token even when a prompt holds added tokens.
 

@@ -12,9 +12,10 @@ import gc
 import inspect
 import logging
 import time
-from dataclasses import dataclass, field
-from functools import cached_property
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import diffusers
 import torch
@@ -22,11 +23,12 @@ import transformers
 from diffusers import DiffusionPipeline
 from PIL import Image
 
-from sdcog.fetch.adapter_cache import AdapterFile
+from sdcog.fetch.adapter_cache import FetchedAdapters
 from sdcog.fetch.images import paste_back
 from sdcog.generate.cancellation import CancelFlag, on_generation_thread
-from sdcog.generate.embeddings import AppliedEmbedding, TextualInversions
-from sdcog.generate.loras import AppliedLora, LoraAdapters
+from sdcog.generate.embeddings import TextualInversions
+from sdcog.generate.generation import Generation
+from sdcog.generate.loras import LoraAdapters
 from sdcog.generate.progress import StepProgress
 from sdcog.generate.prompt_encoding import PromptEncoder
 from sdcog.generate.safety import SafetyVerdict
@@ -52,6 +54,9 @@ from sdcog.resolve.schedulers import build_scheduler
 log = logging.getLogger(__name__)
 
 
+NO_ADAPTERS = FetchedAdapters()
+
+
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -62,40 +67,40 @@ def seeded_generators(seeds: list[int]) -> list[torch.Generator]:
 
 
 @dataclass
-class Generation:
-    images: list[Image.Image]
-    safety: list[SafetyVerdict] | None = None
-    """Per image, the safety checker's verdict, for the metadata; None: the model has none."""
-    loras: list[AppliedLora] = field(default_factory=list)
-    embeddings: list[AppliedEmbedding] = field(default_factory=list)
-    """The request's embeddings that its prompts used."""
-
-    @property
-    def flagged(self) -> list[bool]:
-        return [
-            verdict == SafetyVerdict.FLAGGED
-            for verdict in self.safety or [SafetyVerdict.PASSED] * len(self.images)
-        ]
-
-
-@dataclass
 class Engine:
+    """The loaded pipeline and the components built around it once, at load (see `around`)."""
+
     pipeline: DiffusionPipeline
     family: ModelFamily
     weights: WeightsInfo
     device: torch.device
+    embeddings: TextualInversions
+    prompts: PromptEncoder
+    loras: LoraAdapters
+    pipeline_parameters: dict[Mode, frozenset[str]]
+    """Per mode, the names its pipeline class's constructor takes."""
 
-    @cached_property
-    def prompts(self) -> PromptEncoder:
-        return PromptEncoder(self.pipeline)
-
-    @cached_property
-    def loras(self) -> LoraAdapters:
-        return LoraAdapters(self.pipeline)
-
-    @cached_property
-    def embeddings(self) -> TextualInversions:
-        return TextualInversions(self.pipeline)
+    @classmethod
+    def around(
+        cls, pipeline: DiffusionPipeline, family: ModelFamily, weights: WeightsInfo, device: torch.device
+    ) -> Engine:
+        """The engine's components, in the order they depend on each other: the embedding slots
+        join the tokenizers first, so the prompt encoder and every request see the same tokenizers;
+        the LoRA adapters last, once the fast path has set the attention processors."""
+        embeddings = TextualInversions(pipeline)
+        return cls(
+            pipeline=pipeline,
+            family=family,
+            weights=weights,
+            device=device,
+            embeddings=embeddings,
+            prompts=PromptEncoder(pipeline),
+            loras=LoraAdapters(pipeline),
+            pipeline_parameters={
+                mode: frozenset(inspect.signature(pipeline_class(family, mode).__init__).parameters)
+                for mode in Mode
+            },
+        )
 
     @classmethod
     def load(cls, directory: Path, device: torch.device | None = None) -> Engine:
@@ -120,9 +125,8 @@ class Engine:
             device,
             str(dtype).removeprefix("torch."),
         )
-        pipeline_class = getattr(diffusers, family.pipeline_class)
         try:
-            pipeline = pipeline_class.from_pretrained(
+            pipeline = pipeline_class(family, Mode.TEXT_TO_IMAGE).from_pretrained(
                 directory,
                 local_files_only=True,
                 use_safetensors=True,
@@ -137,8 +141,7 @@ class Engine:
         loaded = time.perf_counter()
         pipeline.to(device)
         fast_path = apply_fast_path(pipeline, device)
-        engine = cls(pipeline=pipeline, family=family, weights=weights, device=device)
-        _ = engine.embeddings  # the embedding slots join the tokenizers now, before any request
+        engine = cls.around(pipeline, family, weights, device)
         limits = engine.limits
         log.info(
             "setup: loaded %s in %.1f s (reading %.1f s, moving to %s %.1f s); components: %s; "
@@ -192,14 +195,62 @@ class Engine:
         scale = self.pipeline.vae_scale_factor
         return ModelLimits(family=self.family, native_width=width * scale, native_height=height * scale)
 
-    def _pipeline_class(self, mode: Mode) -> type[DiffusionPipeline]:
-        family = self.family
-        name = {
-            Mode.TEXT_TO_IMAGE: family.pipeline_class,
-            Mode.IMAGE_TO_IMAGE: family.img2img_pipeline_class,
-            Mode.INPAINT: family.inpaint_pipeline_class,
-        }[mode]
-        return getattr(diffusers, name)
+    @property
+    def has_safety_checker(self) -> bool:
+        return getattr(self.pipeline, "safety_checker", None) is not None
+
+    def generate(
+        self,
+        request: GenerationRequest,
+        cancel: CancelFlag | None = None,
+        adapters: FetchedAdapters = NO_ADAPTERS,
+    ) -> Generation:
+        """Run one request: text-to-image, image-to-image or inpainting, by `request.mode`, with
+        exactly `adapters.loras` applied (none: the base model) and `adapters.embeddings` for this
+        request only.
+
+        Progress is logged per step (throttled); `cancel`, when set, stops the run after the
+        current step with `Cancelled` (the VAE decode is skipped). Running out of GPU memory frees
+        the cache and raises `OutOfMemory`, which suggests a smaller request.
+        """
+        # 1. A cancel that came while this request waited for the generation thread.
+        _check_cancel(cancel, "before the first denoising step")
+        # 2. This request's LoRAs, and no other's.
+        applied_loras = self.loras.activate(adapters.loras)
+        # 3. A pipeline of the request's mode around the shared modules; VAE tiling by its size.
+        pipeline = self._pipeline_for(request)
+        self._choose_vae_tiling(request)
+        # 4. The pipeline's arguments: sizes, images, seeds, and the step callback.
+        progress = StepProgress(total=request.num_inference_steps)
+        arguments = self._call_arguments(request, self._on_step_end(progress, cancel))
+        # 5. Denoise and decode with this request's embeddings in the prompts.
+        with self.embeddings.applied(adapters.embeddings) as active:
+            arguments.update(self.prompts.arguments(request.prompt, request.negative_prompt, active.expand))
+            active.warn_unused()
+            _check_cancel(cancel, "before the first denoising step")  # came while the prompts were read
+            output = _run_or_none_if_out_of_memory(pipeline, arguments)
+        if output is None:
+            del pipeline
+            free_accelerator_memory()
+            raise OutOfMemory(request, self.device)
+        # 6. The safety checker's verdicts, and inpainting's untouched pixels put back.
+        generation = Generation(
+            images=list(output.images),
+            safety=self._safety_verdicts(output, request),
+            loras=applied_loras,
+            embeddings=active.applied,
+        )
+        if request.mode == Mode.INPAINT:
+            generation.images = self._paste_back(generation, request)
+        if request.mode != Mode.TEXT_TO_IMAGE:
+            log.info(
+                "%s: prompt_strength %g ran %d of %d denoising steps",
+                request.mode,
+                request.prompt_strength,
+                progress.done,
+                request.num_inference_steps,
+            )
+        return generation
 
     def _pipeline_for(self, request: GenerationRequest) -> DiffusionPipeline:
         """A pipeline of the request's mode around the shared components, with its own scheduler.
@@ -207,8 +258,7 @@ class Engine:
         Image-to-image and inpainting reuse the loaded modules: no second copy of any weights.
         """
         loaded = self.pipeline
-        pipeline_class = self._pipeline_class(request.mode)
-        parameters = inspect.signature(pipeline_class.__init__).parameters
+        parameters = self.pipeline_parameters[request.mode]
         components = {name: module for name, module in loaded.components.items() if name in parameters}
         components["scheduler"] = build_scheduler(
             request.scheduler, loaded.scheduler.config, request.num_inference_steps
@@ -223,7 +273,7 @@ class Engine:
         if request.disable_safety_checker and components.get("safety_checker") is not None:
             components["safety_checker"] = None
             settings["requires_safety_checker"] = False
-        per_request = pipeline_class(**components, **settings)
+        per_request = pipeline_class(self.family, request.mode)(**components, **settings)
         per_request.set_progress_bar_config(disable=True)
         return per_request
 
@@ -236,41 +286,21 @@ class Engine:
         vae = self.pipeline.vae
         vae.use_tiling = max(request.width, request.height) > 2 * vae.tile_sample_min_size
 
-    @property
-    def has_safety_checker(self) -> bool:
-        return getattr(self.pipeline, "safety_checker", None) is not None
-
-    def generate(
-        self,
-        request: GenerationRequest,
-        cancel: CancelFlag | None = None,
-        loras: list[tuple[AdapterFile, float]] | None = None,
-        embeddings: list[tuple[AdapterFile, str | None]] | None = None,
-    ) -> Generation:
-        """Run one request: text-to-image, image-to-image or inpainting, by `request.mode`, with
-        exactly `loras` (fetched files and their scales) applied: none means the base model; and
-        `embeddings` (fetched files and the words given to them) for this request only.
-
-        Progress is logged per step (throttled); `cancel`, when set, stops the run after the
-        current step with `Cancelled` (the VAE decode is skipped). Running out of GPU memory frees
-        the cache and raises `OutOfMemory`, which suggests a smaller request.
-        """
-        if cancel is not None:  # a cancel that came while this request waited for the thread
-            cancel.check("before the first denoising step")
-        applied = self.loras.activate(loras or [])
-        pipeline = self._pipeline_for(request)
-        self._choose_vae_tiling(request)
-        progress = StepProgress(total=request.num_inference_steps)
-
+    @staticmethod
+    def _on_step_end(progress: StepProgress, cancel: CancelFlag | None) -> Callable[..., dict]:
         def on_step_end(running, _step, _timestep, callback_kwargs):
             # The scheduler's own step count: fewer with image-to-image, more with 2nd-order samplers.
             progress.total = running.num_timesteps
             progress.step()
-            if cancel is not None:
-                cancel.check(f"after denoising step {progress.done} of {progress.total}")
+            _check_cancel(cancel, f"after denoising step {progress.done} of {progress.total}")
             return callback_kwargs
 
-        arguments = dict(
+        return on_step_end
+
+    @staticmethod
+    def _call_arguments(request: GenerationRequest, on_step_end: Callable[..., dict]) -> dict[str, Any]:
+        """The pipeline call's arguments for the request's mode, prompts aside."""
+        arguments: dict[str, Any] = dict(
             num_inference_steps=request.num_inference_steps,
             guidance_scale=request.guidance_scale,
             num_images_per_prompt=request.num_outputs,
@@ -284,40 +314,15 @@ class Engine:
             arguments.update(image=request.init_image, strength=request.prompt_strength)
         if request.mode == Mode.INPAINT:
             arguments.update(mask_image=request.mask_image)
-        out_of_memory = False
-        with self.embeddings.applied(embeddings or []) as active:
-            arguments.update(self.prompts.arguments(request.prompt, request.negative_prompt, active.expand))
-            active.warn_unused()
-            if cancel is not None:  # a cancel that came while the prompts were read
-                cancel.check("before the first denoising step")
-            try:
-                output = pipeline(**arguments)
-            except torch.OutOfMemoryError:
-                out_of_memory = True  # handled outside the except block, once its frames are released
-        if out_of_memory:
-            del pipeline
-            free_accelerator_memory()
-            raise OutOfMemory(request, self.device)
-        generation = Generation(
-            images=list(output.images),
-            safety=self._safety_verdicts(output, request),
-            loras=applied,
-            embeddings=active.applied,
-        )
-        if request.mode == Mode.INPAINT:
-            generation.images = [
-                image if is_flagged else paste_back(image, request.init_image, request.mask_image)
-                for image, is_flagged in zip(generation.images, generation.flagged, strict=True)
-            ]
-        if request.mode != Mode.TEXT_TO_IMAGE:
-            log.info(
-                "%s: prompt_strength %g ran %d of %d denoising steps",
-                request.mode,
-                request.prompt_strength,
-                progress.done,
-                request.num_inference_steps,
-            )
-        return generation
+        return arguments
+
+    @staticmethod
+    def _paste_back(generation: Generation, request: GenerationRequest) -> list[Image.Image]:
+        """Inpainting: the pixels outside the mask copied from the input (flagged images stay black)."""
+        return [
+            image if is_flagged else paste_back(image, request.init_image, request.mask_image)
+            for image, is_flagged in zip(generation.images, generation.flagged, strict=True)
+        ]
 
     def _safety_verdicts(self, output: object, request: GenerationRequest) -> list[SafetyVerdict] | None:
         """The checker's verdict per image (diffusers made flagged ones black), flagged ones logged."""
@@ -340,6 +345,30 @@ class Engine:
                 len(flags),
             )
         return [SafetyVerdict.FLAGGED if flagged else SafetyVerdict.PASSED for flagged in flags]
+
+
+def pipeline_class(family: ModelFamily, mode: Mode) -> type[DiffusionPipeline]:
+    """The diffusers pipeline class that runs `mode` for `family`."""
+    name = {
+        Mode.TEXT_TO_IMAGE: family.pipeline_class,
+        Mode.IMAGE_TO_IMAGE: family.img2img_pipeline_class,
+        Mode.INPAINT: family.inpaint_pipeline_class,
+    }[mode]
+    return getattr(diffusers, name)
+
+
+def _check_cancel(cancel: CancelFlag | None, when: str) -> None:
+    if cancel is not None:
+        cancel.check(when)
+
+
+def _run_or_none_if_out_of_memory(pipeline: DiffusionPipeline, arguments: dict[str, Any]) -> Any:
+    """The pipeline's output; None when the GPU ran out of memory (the failed run's frames are
+    released when this returns, so the caller can free their memory)."""
+    try:
+        return pipeline(**arguments)
+    except torch.OutOfMemoryError:
+        return None
 
 
 def free_accelerator_memory() -> None:

@@ -18,6 +18,7 @@ import logging
 import time
 import warnings
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import transformers
@@ -27,7 +28,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from sdcog.errors import InputError
-from sdcog.fetch.adapter_cache import AdapterFile
+from sdcog.fetch.adapter_cache import AdapterFile, FetchedLora
 from sdcog.fetch.adapter_references import LORA
 from sdcog.model.safetensors_files import tensor_data_sha256
 
@@ -61,24 +62,24 @@ class LoraAdapters:
         self._fused = bool(self._unfused)
         self._fused_active = self._fused
 
-    def activate(self, loras: list[tuple[AdapterFile, float]]) -> list[AppliedLora]:
-        """Make exactly `loras` (file, scale) active; none: the base model. Returns them for the metadata."""
+    def activate(self, loras: Sequence[FetchedLora]) -> list[AppliedLora]:
+        """Make exactly `loras` active at their scales; none: the base model. Returns them for metadata."""
         if not loras:
             if self.loaded:
                 self.pipeline.disable_lora()
             self._use_fused_attention(True)
             return []
-        hashes = [file.sha256 for file, _ in loras]
+        hashes = [lora.file.sha256 for lora in loras]
         if len(set(hashes)) < len(hashes):
             raise InputError(LORA.field, "names the same LoRA file twice: give it once, with one scale")
         self._use_fused_attention(False)
         applied = []
-        for file, scale in loras:
-            name = self._load(file)
-            applied.append(AppliedLora(file.name, self.loaded[name], scale))
-        names = [_adapter_name(file) for file, _ in loras]
+        for lora in loras:
+            name = self._load(lora.file)
+            applied.append(AppliedLora(lora.file.name, self.loaded[name], lora.scale))
+        names = [_adapter_name(lora.file) for lora in loras]
         self.pipeline.enable_lora()
-        self.pipeline.set_adapters(names, adapter_weights=[scale for _, scale in loras])
+        self.pipeline.set_adapters(names, adapter_weights=[lora.scale for lora in loras])
         self._evict(keep=set(names))
         return applied
 

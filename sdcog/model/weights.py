@@ -20,6 +20,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from sdcog.pinned_internals import relies_on_internals
+
 PROJECT_ROOT = Path(__file__).resolve().parents[2]  # sdcog/model/weights.py -> the project
 DEFAULT_WEIGHTS_DIR = PROJECT_ROOT / "weights"
 BUNDLED_MODEL_DIR = PROJECT_ROOT / "models" / "shapes-sd"
@@ -32,9 +34,7 @@ SOURCE_FILE = "sdcog-source.json"
 
 FP16_VARIANT = "fp16"
 WEIGHTS_SUFFIX = ".safetensors"
-HUB_DOWNLOAD_DIR = Path(".cache") / "huggingface" / "download"
-"""Where huggingface_hub keeps its bookkeeping inside a `local_dir` download: `<file>.metadata`
-once a file is complete, `<hash>.<etag>[.<id>].incomplete` while it is being written."""
+_HUB_DOWNLOAD_DIR = Path(".cache") / "huggingface" / "download"
 
 
 class WeightsError(RuntimeError):
@@ -69,7 +69,8 @@ def resolve_weights_dir(environ: Mapping[str, str] = os.environ) -> Path:
         return directory
     if (DEFAULT_WEIGHTS_DIR / "model_index.json").is_file():
         return DEFAULT_WEIGHTS_DIR
-    if (DEFAULT_WEIGHTS_DIR / SOURCE_FILE).is_file() or (DEFAULT_WEIGHTS_DIR / HUB_DOWNLOAD_DIR).is_dir():
+    downloading = hub_download_leftovers(DEFAULT_WEIGHTS_DIR) is not None
+    if (DEFAULT_WEIGHTS_DIR / SOURCE_FILE).is_file() or downloading:
         raise partial_download_error(DEFAULT_WEIGHTS_DIR)
     if (BUNDLED_MODEL_DIR / "model_index.json").is_file():
         return BUNDLED_MODEL_DIR
@@ -149,6 +150,43 @@ def download_pipeline(
     )
     source_path.write_text(json.dumps(source, indent=2) + "\n", encoding="utf-8")
     return destination
+
+
+@relies_on_internals(
+    "huggingface_hub",
+    "2.4.0",
+    "a local_dir download's bookkeeping: .cache/huggingface/download/, <file>.metadata (its etag on "
+    "line 2), <hash>.<etag>[.<id>].incomplete",
+)
+def hub_download_leftovers(directory: Path) -> list[Path] | None:
+    """huggingface_hub's partial files in a `local_dir` download that no later run finished; None
+    when `directory` holds no huggingface_hub bookkeeping at all.
+
+    huggingface_hub 2.4 downloads each file to `.cache/huggingface/download/<folder>/
+    <hash>.<etag>.<id>.incomplete` and moves it into place when complete (removing the partial file
+    on an ordinary error or Ctrl-C; a killed process or a lost machine leaves it). A leftover whose
+    etag a `<file>.metadata` in the same folder records was downloaded again afterwards: stale.
+    """
+    download_dir = directory / _HUB_DOWNLOAD_DIR
+    if not download_dir.is_dir():
+        return None
+    finished: dict[Path, set[str]] = {}
+    leftovers = []
+    for path in sorted(download_dir.rglob("*.incomplete")):
+        if path.parent not in finished:
+            finished[path.parent] = set()
+            for metadata in path.parent.glob("*.metadata"):
+                try:
+                    lines = metadata.read_text(encoding="utf-8").splitlines()
+                except (OSError, UnicodeDecodeError):
+                    continue
+                if len(lines) >= 2:
+                    finished[path.parent].add(lines[1].strip())
+        parts = path.name.split(".")
+        if len(parts) >= 3 and parts[1] in finished[path.parent]:
+            continue
+        leftovers.append(path)
+    return leftovers
 
 
 # -- what to run when a weights directory is incomplete (sdcog/model/weights_check.py words the rest) --

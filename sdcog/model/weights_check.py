@@ -21,7 +21,6 @@ from types import TracebackType
 from sdcog.model.safetensors_files import MAX_HEADER_BYTES, header_length
 from sdcog.model.weights import (
     FP16_VARIANT,
-    HUB_DOWNLOAD_DIR,
     SOURCE_FILE,
     WEIGHTS_ENV,
     WEIGHTS_SUFFIX,
@@ -29,10 +28,12 @@ from sdcog.model.weights import (
     WeightsError,
     WeightsInfo,
     component_names,
+    hub_download_leftovers,
     json_problem,
     read_source,
     what_to_run,
 )
+from sdcog.pinned_internals import relies_on_internals
 
 _UNSAFE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 _LFS_POINTER = b"version https://git-lfs"
@@ -92,36 +93,6 @@ def _weights_error(
     return WeightsError(f"{directory} is not a complete pipeline:\n{listing}\n{remedy}")
 
 
-def _hub_leftovers(directory: Path) -> list[Path]:
-    """huggingface_hub's partial files in a `local_dir` download that no later run finished.
-
-    huggingface_hub 2.4 downloads each file to `.cache/huggingface/download/<folder>/
-    <hash>.<etag>.<id>.incomplete` and moves it into place when complete (removing the partial file
-    on an ordinary error or Ctrl-C; a killed process or a lost machine leaves it). A leftover whose
-    etag a `<file>.metadata` in the same folder records was downloaded again afterwards: stale.
-    """
-    download_dir = directory / HUB_DOWNLOAD_DIR
-    if not download_dir.is_dir():
-        return []
-    finished: dict[Path, set[str]] = {}
-    leftovers = []
-    for path in sorted(download_dir.rglob("*.incomplete")):
-        if path.parent not in finished:
-            finished[path.parent] = set()
-            for metadata in path.parent.glob("*.metadata"):
-                try:
-                    lines = metadata.read_text(encoding="utf-8").splitlines()
-                except (OSError, UnicodeDecodeError):
-                    continue
-                if len(lines) >= 2:
-                    finished[path.parent].add(lines[1].strip())
-        parts = path.name.split(".")
-        if len(parts) >= 3 and parts[1] in finished[path.parent]:
-            continue
-        leftovers.append(path)
-    return leftovers
-
-
 def _unfinished_download(directory: Path, source: Mapping[str, object]) -> Problem | None:
     if source.get("complete") is False:
         return (
@@ -129,7 +100,7 @@ def _unfinished_download(directory: Path, source: Mapping[str, object]) -> Probl
             f"{directory} did not finish (it was interrupted)",
             None,
         )
-    leftovers = _hub_leftovers(directory)
+    leftovers = hub_download_leftovers(directory) or []
     if leftovers:
         more = f" (and {len(leftovers) - 1} more)" if len(leftovers) > 1 else ""
         return f"{leftovers[0]}{more} is left over from an interrupted download into {directory}", None
@@ -400,6 +371,7 @@ def _frames(traceback: TracebackType | None) -> list:
     return frames
 
 
+@relies_on_internals("diffusers", "0.42.1", "its loaders' frames holding the path they load in a local")
 def _culprit(directory: Path, error: BaseException) -> Path:
     """The file or component folder a loading error is about: named in its message, else held by
     the innermost traceback frame that had a path inside `directory`; else `directory` itself."""

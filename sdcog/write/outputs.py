@@ -30,6 +30,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from sdcog import __version__
 from sdcog.fetch.images import MASK_BLUR_PX
+from sdcog.generate.generation import Generation
 from sdcog.generate.safety import SafetyVerdict
 from sdcog.resolve.request import GenerationRequest, Mode
 from sdcog.resolve.schedulers import SCHEDULERS
@@ -165,21 +166,14 @@ def generation_infotext(
 
 
 def write_outputs(
-    images: Sequence[Image.Image],
-    request: GenerationRequest,
-    model_name: str,
-    directory: Path,
-    safety: Sequence[SafetyVerdict] | None = None,
-    loras: Sequence[AppliedLora] = (),
-    embeddings: Sequence[AppliedEmbedding] = (),
+    generation: Generation, request: GenerationRequest, model_name: str, directory: Path
 ) -> list[Path]:
-    """Encode each image of `request` into `directory` with its own parameters embedded.
-
-    `safety` holds the safety checker's verdict per image (None: the model has no checker);
-    `loras` the LoRAs applied, `embeddings` the embeddings used.
-    """
+    """Encode each image of `generation` into `directory` with its own parameters embedded: the
+    request's, its seed, the safety checker's verdict (when the model has a checker), and the LoRAs
+    and embeddings the generation applied."""
     directory.mkdir(parents=True, exist_ok=True)
-    verdicts = list(safety) if safety is not None else [None] * len(images)
+    images, loras, embeddings = generation.images, generation.loras, generation.embeddings
+    verdicts = list(generation.safety) if generation.safety is not None else [None] * len(images)
     exact = exact_texts_json(request.prompt, request.negative_prompt)
 
     def encode(index: int) -> Path:
