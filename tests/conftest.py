@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 
 from sdcog import liveness
 from sdcog.model.weights import BUNDLED_MODEL_DIR, PROJECT_ROOT
@@ -11,6 +12,16 @@ from sdcog_tools.cog_server import running_server
 from sdcog_tools.random_pipelines import save_pipeline
 
 TINY_PRESETS = ("tiny-sd15", "tiny-sdxl")
+
+
+def pytest_collection_modifyitems(config, items):
+    """The GPU tier (tests marked `gpu`) runs where CUDA is; elsewhere each says how to run it."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU: run script/test-gpu on a GPU machine")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

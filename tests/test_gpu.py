@@ -1,0 +1,111 @@
+"""The GPU tier: what only runs on a CUDA GPU, checked on one (`script/test-gpu`; skipped elsewhere).
+
+On the CPU the engine runs float32, eagerly, with unfused attention and no out-of-memory; on a GPU
+it loads float16 (bfloat16 for SDXL where supported), fuses the attention projections, may compile
+the UNet, and can run out of memory. Each test runs a tiny pipeline (random weights, real
+architectures) on `cuda` and compares with the same request where the answer is known: the CPU's
+float32 image, the same run again, or the base model.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hostile_archives import data_uri
+from lora_files import make_lora
+from test_embeddings import embedding_file
+
+from sdcog.fetch.adapter_cache import AdapterCache
+from sdcog.generate.engine import NO_ADAPTERS, Engine, OutOfMemory
+from sdcog.model.acceleration import COMPILE_ENV
+from sdcog.resolve.request import resolve_request
+
+pytestmark = pytest.mark.gpu
+
+CUDA = torch.device("cuda")
+REQUEST = dict(prompt="a red circle on a blue background", width=64, height=64, num_inference_steps=4, seed=3)
+
+
+def pixels(engine: Engine, cache: AdapterCache | None = None, **inputs) -> np.ndarray:
+    request = resolve_request(engine.limits, **{**REQUEST, **inputs})
+    generation = engine.generate(request, adapters=cache.fetch_for(request) if cache else NO_ADAPTERS)
+    return np.stack([np.asarray(image, dtype=np.int16) for image in generation.images])
+
+
+def close(a: np.ndarray, b: np.ndarray, levels: int = 12, share: float = 0.95) -> bool:
+    """Most pixels within `levels` of 255: half precision against float32, not bit for bit."""
+    return float((np.abs(a - b) <= levels).mean()) >= share
+
+
+@pytest.fixture(scope="module")
+def gpu_engines(tiny_pipelines):
+    return {name: Engine.load(path, CUDA) for name, path in tiny_pipelines.items()}
+
+
+@pytest.fixture
+def cache(tmp_path):
+    return AdapterCache(tmp_path / "adapters", max_bytes=10**9, max_file_bytes=10**8)
+
+
+@pytest.mark.parametrize("name, dtype", [("tiny-sd15", torch.float16), ("tiny-sdxl", torch.bfloat16)])
+def test_half_precision_gives_the_float32_image(gpu_engines, tiny_pipelines, name, dtype):
+    engine = gpu_engines[name]
+    if name == "tiny-sdxl" and not torch.cuda.is_bf16_supported():
+        dtype = torch.float16
+    assert engine.pipeline.unet.dtype == dtype
+    on_gpu = pixels(engine, num_outputs=2)
+    assert np.array_equal(on_gpu, pixels(engine, num_outputs=2))  # the same seeds, the same pixels
+    assert on_gpu.max() > 0  # not NaNs decoded to black
+    reference = pixels(Engine.load(tiny_pipelines[name], torch.device("cpu")), num_outputs=2)
+    assert close(on_gpu, reference)
+
+
+def test_the_fast_path_fuses_attention_and_loras_still_reach_it(gpu_engines, tiny_sd15, cache, tmp_path):
+    engine = gpu_engines["tiny-sd15"]
+    processor = next(iter(engine.pipeline.unet.attn_processors.values()))
+    assert type(processor).__name__ == "FusedAttnProcessor2_0"
+    lora = data_uri(make_lora(tiny_sd15, tmp_path / "style.safetensors", seed=11).read_bytes())
+    base = pixels(engine, cache)
+    styled = pixels(engine, cache, lora_weights=lora)
+    # A LoRA that missed the fused q/k/v would change little; this one moves pixels by 40 levels
+    # on average on the CPU (measured), so 10 leaves room for half precision.
+    assert np.abs(styled - base).mean() > 10
+    reference = pixels(Engine.load(tiny_sd15, torch.device("cpu")), cache, lora_weights=lora)
+    assert close(styled, reference)
+    assert np.array_equal(pixels(engine, cache), base)  # back to the fused base model, exactly
+
+
+def test_embeddings_apply_on_the_gpu_and_leave_nothing_behind(gpu_engines, tiny_sdxl, tmp_path, cache):
+    engine = gpu_engines["tiny-sdxl"]
+    word = data_uri(embedding_file(tmp_path / "tok.safetensors", engine, seed=4, vectors=6).path.read_bytes())
+    inputs = dict(prompt="tok", embeddings=f"tok={word}")
+    plain = pixels(engine, cache, prompt="tok")
+    drawn = pixels(engine, cache, **inputs)
+    assert not np.array_equal(drawn, plain)  # 4 to 5 levels apart on average on the CPU (measured)
+    assert close(drawn, pixels(Engine.load(tiny_sdxl, torch.device("cpu")), cache, **inputs))
+    assert np.array_equal(pixels(engine, cache, prompt="tok"), plain)  # the slots were cleared
+
+
+def test_the_compiled_unet_gives_the_eager_image(tiny_sd15, gpu_engines, monkeypatch, tmp_path):
+    monkeypatch.setenv(COMPILE_ENV, "max-autotune-no-cudagraphs")
+    monkeypatch.setenv("SDCOG_COMPILE_CACHE", str(tmp_path / "compile-cache.bin"))
+    compiled = Engine.load(tiny_sd15, CUDA)
+    assert (tmp_path / "compile-cache.bin").is_file()  # the warm-up compiled, and the cache was written
+    assert close(pixels(compiled), pixels(gpu_engines["tiny-sd15"]), levels=4, share=0.99)
+
+
+def test_out_of_memory_is_reported_and_freed_and_the_next_request_runs(gpu_engines):
+    engine = gpu_engines["tiny-sd15"]
+    expected = pixels(engine)
+    torch.cuda.synchronize()
+    baseline = torch.cuda.memory_allocated()
+    total = torch.cuda.get_device_properties(CUDA).total_memory
+    torch.cuda.set_per_process_memory_fraction((baseline + 64 * 2**20) / total)  # 64 MiB to spare
+    try:
+        with pytest.raises(OutOfMemory, match="out of GPU memory .* generating 4 image"):
+            pixels(engine, width=1024, height=1024, num_outputs=4)
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+    assert torch.cuda.memory_allocated() <= baseline + 2**20  # nothing of the failed run is held
+    assert np.array_equal(pixels(engine), expected)
