@@ -5,8 +5,10 @@ values because `cog build` reads them statically; `tests/test_schema.py` checks 
 the rules `sdcog.resolve.request` enforces.
 """
 
+import asyncio
 import logging
 import sys
+import time
 
 from cog import BasePredictor, Input, Path, Secret
 
@@ -14,7 +16,7 @@ from sdcog import liveness
 from sdcog.fetch.adapter_cache import AdapterCache, adapter_tokens
 from sdcog.fetch.images import Outpaint, open_image
 from sdcog.fetch.input_files import guard_cog_downloads, read_input_file
-from sdcog.generate.cancellation import run_cancellable
+from sdcog.generate.batching import Batcher, until_done
 from sdcog.generate.engine import Engine
 from sdcog.heap import HeapTrimmer
 from sdcog.model.weights import resolve_weights_dir
@@ -31,11 +33,12 @@ class Predictor(BasePredictor):
         log_unchecked_internals()
         guard_cog_downloads()
         self.engine = Engine.load(resolve_weights_dir())
+        self.batcher = Batcher.from_environment(self.engine)
         self.outputs = OutputDirectory()
         self.heap = HeapTrimmer()
         self.adapters = AdapterCache.from_environment()
 
-    def predict(
+    async def predict(
         self,
         prompt: str = Input(
             description="What the image should show.",
@@ -161,41 +164,64 @@ class Predictor(BasePredictor):
         ),
     ) -> list[Path]:
         liveness.prediction_started()  # the probe tells a running prediction from a stuck slot
+        directory = None
         try:
-            request = resolve_request(
-                self.engine.limits,
-                prompt=prompt,
-                negative_prompt=negative_prompt,
-                width=width,
-                height=height,
-                num_outputs=num_outputs,
-                num_inference_steps=num_inference_steps,
-                guidance_scale=guidance_scale,
-                scheduler=scheduler,
-                seed=seed,
-                output_format=output_format,
-                output_quality=output_quality,
-                image=None if image is None else open_image("image", read_input_file("image", image)),
-                mask=None if mask is None else open_image("mask", read_input_file("mask", mask)),
-                prompt_strength=prompt_strength,
-                outpaint=Outpaint(outpaint_left, outpaint_top, outpaint_right, outpaint_bottom),
-                disable_safety_checker=disable_safety_checker,
-                lora_weights=lora_weights,
-                lora_scales=lora_scales,
-                embeddings=embeddings,
+            # Reading input files and fetching adapters may wait on the network: in threads, so that
+            # other predictions go on meanwhile (each thread sees this prediction's context).
+            request = await asyncio.to_thread(
+                lambda: resolve_request(
+                    self.engine.limits,
+                    prompt=prompt,
+                    negative_prompt=negative_prompt,
+                    width=width,
+                    height=height,
+                    num_outputs=num_outputs,
+                    num_inference_steps=num_inference_steps,
+                    guidance_scale=guidance_scale,
+                    scheduler=scheduler,
+                    seed=seed,
+                    output_format=output_format,
+                    output_quality=output_quality,
+                    image=None if image is None else open_image("image", read_input_file("image", image)),
+                    mask=None if mask is None else open_image("mask", read_input_file("mask", mask)),
+                    prompt_strength=prompt_strength,
+                    outpaint=Outpaint(outpaint_left, outpaint_top, outpaint_right, outpaint_bottom),
+                    disable_safety_checker=disable_safety_checker,
+                    lora_weights=lora_weights,
+                    lora_scales=lora_scales,
+                    embeddings=embeddings,
+                )
             )
             for index, image_seed in enumerate(request.seeds):
                 log.info("image %d: seed %d", index, image_seed)
             tokens = adapter_tokens(_secret(hf_api_token), _secret(replicate_api_token))
-            adapters = self.adapters.fetch_for(request, tokens)
-            # In a worker thread, so that a cancel stops it between two denoising steps.
-            generation = run_cancellable(lambda cancel: self.engine.generate(request, cancel, adapters))
-            paths = write_outputs(generation, request, self.engine.weights.name, self.outputs.next())
+            adapters = await asyncio.to_thread(self.adapters.fetch_for, request, tokens)
+            job = self.batcher.submit(request, adapters)
+            job.future.add_done_callback(lambda _: self.adapters.release(adapters))
+            generation = await until_done(job)
+            encoding = time.monotonic()
+            directory = self.outputs.next()
+            paths = await asyncio.to_thread(
+                write_outputs, generation, request, self.engine.weights.name, directory
+            )
+            self._record_metrics(
+                {**job.timings(), "encode_s": time.monotonic() - encoding, "batch_size": job.batch_size}
+            )
             return [Path(path) for path in paths]
         finally:
+            if directory is not None:
+                self.outputs.finished(directory)
             liveness.prediction_ended()
             # glibc keeps what this prediction freed; give it back once the answer is on its way.
             self.heap.trim_in_background()
+
+    def _record_metrics(self, metrics: dict[str, float]) -> None:
+        """Where the prediction's time went, in its `metrics` (beside Cog's own predict_time)."""
+        try:
+            for name, value in metrics.items():
+                self.record_metric(name, round(value, 4))
+        except Exception as error:  # outside Cog's server (a direct call) there is no scope
+            log.debug("metrics not recorded: %s", error)
 
 
 def _secret(value: Secret | str | None) -> str | None:

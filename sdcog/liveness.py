@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -27,8 +28,29 @@ def liveness_file() -> Path:
     return Path(os.environ.get(LIVENESS_FILE_VARIABLE) or DEFAULT_LIVENESS_FILE)
 
 
+_running = 0
+_lock = threading.Lock()
+
+
 def prediction_started() -> None:
-    """Record that a prediction runs in this process from now (replaced atomically)."""
+    """Record that a prediction runs in this process from now (the file exists while any does)."""
+    global _running
+    with _lock:
+        _running += 1
+        if _running == 1:
+            _write()
+
+
+def prediction_ended() -> None:
+    global _running
+    with _lock:
+        _running = max(0, _running - 1)
+        if _running == 0:
+            _remove()
+
+
+def _write() -> None:
+    """The file, replaced atomically."""
     path = liveness_file()
     partial = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
@@ -42,7 +64,7 @@ def prediction_started() -> None:
         )
 
 
-def prediction_ended() -> None:
+def _remove() -> None:
     try:
         liveness_file().unlink(missing_ok=True)
     except OSError as error:

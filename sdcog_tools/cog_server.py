@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import yaml
 
 READY = "READY"
 SETUP_FAILED = "SETUP_FAILED"
@@ -28,6 +29,15 @@ SETUP_FAILED = "SETUP_FAILED"
 
 class ServerError(RuntimeError):
     """The server did not become ready; the message carries the end of its log."""
+
+
+def max_concurrency(cog_yaml: Path) -> int:
+    """cog.yaml's `concurrency.max` (1 when absent), which `cog build` turns into COG_MAX_CONCURRENCY."""
+    try:
+        config = yaml.safe_load(cog_yaml.read_text()) or {}
+    except OSError:
+        return 1
+    return int((config.get("concurrency") or {}).get("max") or 1)
 
 
 def free_port() -> int:
@@ -121,6 +131,8 @@ def running_server(
     port = free_port()
     environment = {
         **os.environ,
+        # What the image's Dockerfile sets from cog.yaml's concurrency.max.
+        "COG_MAX_CONCURRENCY": str(max_concurrency(Path(cwd) / "cog.yaml")),
         **(env or {}),
         "PORT": str(port),
         "COG_PREDICT_TYPE_STUB": predictor_ref,

@@ -4,6 +4,8 @@ There is no GPU here, so the UNet raises the very exception CUDA raises (torch.O
 on its first call; everything around it (the engine, predict.py) is the real code.
 """
 
+import asyncio
+
 import numpy as np
 import pytest
 import torch
@@ -74,4 +76,4 @@ def call_predict(predictor, **inputs):
         name: parameter.default.default
         for name, parameter in inspect.signature(predictor.predict).parameters.items()
     }
-    return predictor.predict(**{**defaults, **inputs})
+    return asyncio.run(predictor.predict(**{**defaults, **inputs}))

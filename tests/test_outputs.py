@@ -93,12 +93,22 @@ def test_png_parameters_chunk_is_what_automatic1111_reads(tmp_path):
         assert "Seed: 5" in image.info["parameters"]
 
 
-def test_each_prediction_gets_a_fresh_directory_and_the_previous_is_removed(tmp_path):
-    outputs = OutputDirectory(tmp_path)
+def test_outputs_stay_while_any_prediction_runs_and_for_the_grace_period_after(tmp_path):
+    """Issue 18: with concurrent predictions, the next one's start removed files not yet sent."""
+    now = [0.0]
+    outputs = OutputDirectory(tmp_path, grace=60, clock=lambda: now[0])
     first = outputs.next()
     (first / "out-0.png").write_bytes(b"x")
-    second = outputs.next()
-    assert second != first and second.is_dir() and not first.exists()
+    second = outputs.next()  # while the first still runs
+    assert second != first and first.is_dir() and second.is_dir()
+    outputs.finished(first)
+    now[0] = 59
+    third = outputs.next()  # the first finished 59 s ago: Cog may still be sending its files
+    assert first.is_dir()
+    now[0] = 60
+    outputs.finished(third)
+    outputs.next()
+    assert not first.exists() and second.is_dir() and third.is_dir()  # the second never finished
 
 
 # -- what AUTOMATIC1111's reader makes of the infotext ------------------------------------------------

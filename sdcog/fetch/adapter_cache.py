@@ -28,7 +28,9 @@ import json
 import logging
 import os
 import tempfile
+import threading
 import time
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,6 +99,10 @@ class FetchedAdapters:
     loras: tuple[FetchedLora, ...] = ()
     embeddings: tuple[FetchedEmbedding, ...] = ()
 
+    @property
+    def sha256s(self) -> list[str]:
+        return [lora.file.sha256 for lora in self.loras] + [e.file.sha256 for e in self.embeddings]
+
 
 class AdapterCache:
     def __init__(self, root: Path, max_bytes: int, max_file_bytes: int):
@@ -104,6 +110,10 @@ class AdapterCache:
         self.max_bytes = max_bytes
         self.max_file_bytes = max_file_bytes
         self.downloads = 0
+        self._lock = threading.RLock()  # concurrent predictions fetch from threads
+        self._in_use_lock = threading.Lock()
+        self._in_use: Counter[str] = Counter()
+        """Hashes of files fetched for requests not done yet (see `release`): never evicted."""
         self.root.mkdir(parents=True, exist_ok=True)
         try:
             self._index: dict[str, str] = json.loads((self.root / INDEX_FILE).read_text())
@@ -122,12 +132,23 @@ class AdapterCache:
     def fetch_for(
         self, request: GenerationRequest, tokens: Mapping[str, str] | None = None
     ) -> FetchedAdapters:
-        """Every LoRA and embedding file the request names, none evicting another."""
-        loras = self.fetch_loras(request.loras, tokens)
-        embeddings = self.fetch_embeddings(
-            request.embeddings, tokens, keep=frozenset(lora.file.sha256 for lora in loras)
-        )
-        return FetchedAdapters(loras=tuple(loras), embeddings=tuple(embeddings))
+        """Every LoRA and embedding file the request names, none evicting another, and none
+        evicted by other requests' fetches until `release` (requests wait in a queue between)."""
+        with self._lock:
+            loras = self.fetch_loras(request.loras, tokens)
+            embeddings = self.fetch_embeddings(
+                request.embeddings, tokens, keep=frozenset(lora.file.sha256 for lora in loras)
+            )
+            adapters = FetchedAdapters(loras=tuple(loras), embeddings=tuple(embeddings))
+            with self._in_use_lock:
+                self._in_use.update(adapters.sha256s)
+        return adapters
+
+    def release(self, adapters: FetchedAdapters) -> None:
+        """The request that fetched `adapters` is done with them: they may be evicted again."""
+        with self._in_use_lock:  # not the fetch lock: the generation thread calls this
+            self._in_use.subtract(adapters.sha256s)
+            self._in_use = +self._in_use  # drop the zeros
 
     def fetch_loras(
         self, loras: Sequence[LoraRequest], tokens: Mapping[str, str] | None = None
@@ -224,6 +245,8 @@ class AdapterCache:
         return sha256, size, stored
 
     def _evict(self, keep: frozenset[str]) -> None:
+        with self._in_use_lock:
+            keep = keep | set(self._in_use)
         files = sorted(self.root.glob(f"*{_SUFFIX}"), key=lambda path: path.stat().st_mtime)
         total = sum(path.stat().st_size for path in files)
         for path in files:

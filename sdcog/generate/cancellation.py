@@ -39,6 +39,9 @@ class CancelFlag:
     def set(self) -> None:
         self._event.set()
 
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
     def check(self, where: str) -> None:
         """Raise `Cancelled` if a cancel was requested."""
         if self._event.is_set():
@@ -48,7 +51,7 @@ class CancelFlag:
 _worker: ThreadPoolExecutor | None = None
 
 
-def _generation_thread() -> ThreadPoolExecutor:
+def generation_thread() -> ThreadPoolExecutor:
     """One long-lived thread runs every generation: torch's OpenMP thread team belongs to the
     thread that calls into torch, so a new thread per prediction would build a new team each time
     (measured: steps 25-35% slower in a fresh thread)."""
@@ -61,7 +64,7 @@ def _generation_thread() -> ThreadPoolExecutor:
 def on_generation_thread(work: Callable[[], T]) -> T:
     """Run `work()` on the generation thread and return its result (setup's warm-up: what it
     builds per thread, such as CUDA graphs and OpenMP's thread team, is then ready for requests)."""
-    return _generation_thread().submit(contextvars.copy_context().run, work).result()
+    return generation_thread().submit(contextvars.copy_context().run, work).result()
 
 
 def run_cancellable(work: Callable[[CancelFlag], T]) -> T:
@@ -74,7 +77,7 @@ def run_cancellable(work: Callable[[CancelFlag], T]) -> T:
     flag = CancelFlag()
     finished = threading.Event()
     # The worker sees this thread's context variables (Cog routes a prediction's logs by them).
-    future = _generation_thread().submit(contextvars.copy_context().run, work, flag)
+    future = generation_thread().submit(contextvars.copy_context().run, work, flag)
     future.add_done_callback(lambda _: finished.set())
     interrupt: BaseException | None = None
     # Wait on an Event, never Thread.join: an exception injected while join() waits makes join()

@@ -12,7 +12,7 @@ import gc
 import inspect
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,8 +25,9 @@ from PIL import Image
 
 from sdcog.fetch.adapter_cache import FetchedAdapters
 from sdcog.fetch.images import paste_back
-from sdcog.generate.cancellation import CancelFlag, on_generation_thread
-from sdcog.generate.embeddings import TextualInversions
+from sdcog.generate.batching import BatchFailed, Job
+from sdcog.generate.cancellation import CancelFlag, Cancelled, on_generation_thread
+from sdcog.generate.embeddings import ActiveEmbeddings, AppliedEmbedding, TextualInversions
 from sdcog.generate.generation import Generation
 from sdcog.generate.loras import LoraAdapters
 from sdcog.generate.progress import StepProgress
@@ -213,44 +214,117 @@ class Engine:
         current step with `Cancelled` (the VAE decode is skipped). Running out of GPU memory frees
         the cache and raises `OutOfMemory`, which suggests a smaller request.
         """
-        # 1. A cancel that came while this request waited for the generation thread.
-        _check_cancel(cancel, "before the first denoising step")
-        # 2. This request's LoRAs, and no other's.
-        applied_loras = self.loras.activate(adapters.loras)
-        # 3. A pipeline of the request's mode around the shared modules; VAE tiling by its size.
-        pipeline = self._pipeline_for(request)
-        self._choose_vae_tiling(request)
-        # 4. The pipeline's arguments: sizes, images, seeds, and the step callback.
-        progress = StepProgress(total=request.num_inference_steps)
-        arguments = self._call_arguments(request, self._on_step_end(progress, cancel))
-        # 5. Denoise and decode with this request's embeddings in the prompts.
-        with self.embeddings.applied(adapters.embeddings) as active:
-            arguments.update(self.prompts.arguments(request.prompt, request.negative_prompt, active.expand))
-            active.warn_unused()
-            _check_cancel(cancel, "before the first denoising step")  # came while the prompts were read
-            output = _run_or_none_if_out_of_memory(pipeline, arguments)
-        if output is None:
+        job = Job(request, adapters, cancel or CancelFlag())
+        self.generate_batch([job])
+        return job.future.result()
+
+    def generate_batch(self, jobs: Sequence[Job]) -> list[Job]:
+        """Run jobs of one `batch_key` as one pipeline call; each job's Generation or error is set
+        on the job (`Job.finish`). A single job runs exactly as it would alone. Returns the jobs
+        whose prompts encode to another shape than the first job's, not run, to be run later.
+
+        A job whose cancel is set leaves at the next step boundary (answered at once; the batch
+        stops when none is left). A batch of several that fails (out of memory, or otherwise)
+        raises `BatchFailed`, to be split by the caller; a single job gets the error itself.
+        """
+        head = jobs[0]
+        request, adapters = head.request, head.adapters
+        shared = head.context.copy()  # what the batch logs as a whole joins the first job's logs
+        # 1. A cancel that came while the jobs waited for the generation thread.
+        live = _without_canceled(jobs, "before the first denoising step")
+        if not live:
+            return []
+        try:
+            # 2. These requests' LoRAs, and no other's.
+            applied_loras = shared.run(self.loras.activate, adapters.loras)
+            # 3. A pipeline of the requests' mode around the shared modules; VAE tiling by size.
+            pipeline = self._pipeline_for(request)
+            self._choose_vae_tiling(request)
+        except Exception as error:  # the same for every job of the batch
+            for job in live:
+                job.finish(error)
+            return []
+        # 4. Each job's prompts, with these requests' embeddings in them, then the call.
+        with shared.run(self.embeddings.applied, adapters.embeddings) as active:
+            prompts, deferred = self._encode_prompts(live, active)
+            live = _without_canceled(
+                [job for job in live if job in prompts], "before the first denoising step"
+            )
+            if not live:
+                return deferred
+            progress = {job: StepProgress(total=request.num_inference_steps) for job in live}
+            arguments = self._call_arguments(
+                live, [prompts[job] for job in live], self._on_step_end(progress)
+            )
+            # 5. Denoise and decode.
+            output = _run_or_stopped_or_out_of_memory(pipeline, arguments)
+        if output is _STOPPED:
+            return deferred
+        if output is _OUT_OF_MEMORY:
             del pipeline
             free_accelerator_memory()
-            raise OutOfMemory(request, self.device)
-        # 6. The safety checker's verdicts, and inpainting's untouched pixels put back.
-        generation = Generation(
-            images=list(output.images),
-            safety=self._safety_verdicts(output, request),
-            loras=applied_loras,
-            embeddings=active.applied,
-        )
-        if request.mode == Mode.INPAINT:
-            generation.images = self._paste_back(generation, request)
-        if request.mode != Mode.TEXT_TO_IMAGE:
-            log.info(
-                "%s: prompt_strength %g ran %d of %d denoising steps",
-                request.mode,
-                request.prompt_strength,
-                progress.done,
-                request.num_inference_steps,
+            if len(live) > 1:
+                raise BatchFailed(f"out of GPU memory for {len(live)} requests together")
+            live[0].finish(OutOfMemory(request, self.device))
+            return deferred
+        if isinstance(output, BaseException):
+            if len(live) > 1:
+                raise BatchFailed(f"{type(output).__name__}: {output}") from output
+            live[0].finish(output)
+            return deferred
+        # 6. Each job's images, the safety checker's verdicts, inpainting's kept pixels put back.
+        per_job = len(output.images) // len(live)
+        flags = getattr(output, "nsfw_content_detected", None)
+        for index, job in enumerate(live):
+            if job.done:  # it left the batch when canceled
+                continue
+            rows = slice(index * per_job, (index + 1) * per_job)
+            generation = Generation(
+                images=list(output.images[rows]),
+                safety=self._safety_verdicts(None if flags is None else flags[rows], job),
+                loras=applied_loras,
+                embeddings=prompts[job].embeddings,
             )
-        return generation
+            if job.request.mode == Mode.INPAINT:
+                generation.images = self._paste_back(generation, job.request)
+            if job.request.mode != Mode.TEXT_TO_IMAGE:
+                job.log(
+                    logging.INFO,
+                    "%s: prompt_strength %g ran %d of %d denoising steps",
+                    job.request.mode,
+                    job.request.prompt_strength,
+                    progress[job].done,
+                    job.request.num_inference_steps,
+                )
+            job.finish(generation)
+        return deferred
+
+    def _encode_prompts(
+        self, jobs: list[Job], active: ActiveEmbeddings
+    ) -> tuple[dict[Job, Prompts], list[Job]]:
+        """Each job's prompt arguments; a job whose prompts are refused gets that error. The jobs
+        whose prompts have another shape than the first encoded one's are returned apart."""
+        prompts: dict[Job, Prompts] = {}
+        deferred: list[Job] = []
+        shape = None
+        for job in jobs:
+            active.used.clear()
+            try:
+                arguments = job.context.run(
+                    self.prompts.arguments, job.request.prompt, job.request.negative_prompt, active.expand
+                )
+            except Exception as error:
+                job.finish(error)
+                continue
+            job.context.run(active.warn_unused)
+            encoded = Prompts(arguments, active.applied)
+            if shape is None:
+                shape = encoded.shape
+            if encoded.shape != shape:
+                deferred.append(job)
+                continue
+            prompts[job] = encoded
+        return prompts, deferred
 
     def _pipeline_for(self, request: GenerationRequest) -> DiffusionPipeline:
         """A pipeline of the request's mode around the shared components, with its own scheduler.
@@ -287,33 +361,56 @@ class Engine:
         vae.use_tiling = max(request.width, request.height) > 2 * vae.tile_sample_min_size
 
     @staticmethod
-    def _on_step_end(progress: StepProgress, cancel: CancelFlag | None) -> Callable[..., dict]:
+    def _on_step_end(progress: dict[Job, StepProgress]) -> Callable[..., dict]:
+        """The step callback: each job's progress line in its own logs, and each job's cancel
+        (the job leaves; the call stops once no job is left)."""
+
         def on_step_end(running, _step, _timestep, callback_kwargs):
-            # The scheduler's own step count: fewer with image-to-image, more with 2nd-order samplers.
-            progress.total = running.num_timesteps
-            progress.step()
-            _check_cancel(cancel, f"after denoising step {progress.done} of {progress.total}")
+            now = time.monotonic()
+            for job, steps in progress.items():
+                if job.done:
+                    continue
+                # The scheduler's own step count: fewer with image-to-image, more with 2nd-order samplers.
+                steps.total = running.num_timesteps
+                job.context.run(steps.step)
+                job.denoised = now
+                if job.cancel.is_set():
+                    _leave(job, f"after denoising step {steps.done} of {steps.total}")
+            if all(job.done for job in progress):
+                raise _Stopped
             return callback_kwargs
 
         return on_step_end
 
     @staticmethod
-    def _call_arguments(request: GenerationRequest, on_step_end: Callable[..., dict]) -> dict[str, Any]:
-        """The pipeline call's arguments for the request's mode, prompts aside."""
+    def _call_arguments(
+        jobs: list[Job], prompts: list[Prompts], on_step_end: Callable[..., dict]
+    ) -> dict[str, Any]:
+        """The pipeline call's arguments for jobs of one batch key. One job gets exactly what it
+        would alone; several get their prompts, seeds' generators and input images in job order
+        (diffusers orders a batch's images prompt by prompt, `num_images_per_prompt` each)."""
+        request = jobs[0].request
         arguments: dict[str, Any] = dict(
             num_inference_steps=request.num_inference_steps,
             guidance_scale=request.guidance_scale,
             num_images_per_prompt=request.num_outputs,
-            generator=seeded_generators(request.seeds),
+            generator=seeded_generators([seed for job in jobs for seed in job.request.seeds]),
             output_type="pil",
             callback_on_step_end=on_step_end,
         )
         if request.mode != Mode.IMAGE_TO_IMAGE:
             arguments.update(width=request.width, height=request.height)
+
+        def per_image(name: str) -> object:
+            if len(jobs) == 1:
+                return getattr(request, name)
+            return [getattr(job.request, name) for job in jobs for _ in range(request.num_outputs)]
+
         if request.mode != Mode.TEXT_TO_IMAGE:
-            arguments.update(image=request.init_image, strength=request.prompt_strength)
+            arguments.update(image=per_image("init_image"), strength=request.prompt_strength)
         if request.mode == Mode.INPAINT:
-            arguments.update(mask_image=request.mask_image)
+            arguments.update(mask_image=per_image("mask_image"))
+        arguments.update(Prompts.joined(prompts))
         return arguments
 
     @staticmethod
@@ -324,27 +421,64 @@ class Engine:
             for image, is_flagged in zip(generation.images, generation.flagged, strict=True)
         ]
 
-    def _safety_verdicts(self, output: object, request: GenerationRequest) -> list[SafetyVerdict] | None:
+    def _safety_verdicts(self, flags: Sequence[bool] | None, job: Job) -> list[SafetyVerdict] | None:
         """The checker's verdict per image (diffusers made flagged ones black), flagged ones logged."""
+        request = job.request
         if not self.has_safety_checker:
             return None
-        if request.disable_safety_checker:
+        if request.disable_safety_checker or flags is None:
             return [SafetyVerdict.DISABLED] * request.num_outputs
-        flags = [bool(flag) for flag in output.nsfw_content_detected]
+        flags = [bool(flag) for flag in flags]
         for index, flagged in enumerate(flags):
             if flagged:
-                log.warning(
+                job.log(
+                    logging.WARNING,
                     "image %d (seed %d) was flagged by the safety checker and replaced by a black image",
                     index,
                     request.seeds[index],
                 )
         if all(flags):
-            log.warning(
+            job.log(
+                logging.WARNING,
                 "all %d image(s) were flagged by the safety checker, so every output is black: "
                 "try another prompt or seed",
                 len(flags),
             )
         return [SafetyVerdict.FLAGGED if flagged else SafetyVerdict.PASSED for flagged in flags]
+
+
+@dataclass
+class Prompts:
+    """A job's prompt arguments for the pipeline (texts, or embeddings) and the embeddings used."""
+
+    arguments: dict[str, Any]
+    embeddings: list[AppliedEmbedding]
+
+    @property
+    def shape(self) -> tuple:
+        """Equal for prompts that can share a call: the same arguments, tensors of the same shape
+        but for the batch, and texts with or without a negative prompt alike."""
+        return tuple(
+            sorted(
+                (name, tuple(value.shape[1:]) if isinstance(value, torch.Tensor) else value is None)
+                for name, value in self.arguments.items()
+            )
+        )
+
+    @staticmethod
+    def joined(prompts: list[Prompts]) -> dict[str, Any]:
+        """One call's prompt arguments: one job's as they are; several jobs' as lists or tensors
+        joined along the batch."""
+        if len(prompts) == 1:
+            return dict(prompts[0].arguments)
+        joined: dict[str, Any] = {}
+        for name, first in prompts[0].arguments.items():
+            values = [prompt.arguments[name] for prompt in prompts]
+            if isinstance(first, torch.Tensor):
+                joined[name] = torch.cat(values)
+            else:
+                joined[name] = None if first is None else values
+        return joined
 
 
 def pipeline_class(family: ModelFamily, mode: Mode) -> type[DiffusionPipeline]:
@@ -357,18 +491,43 @@ def pipeline_class(family: ModelFamily, mode: Mode) -> type[DiffusionPipeline]:
     return getattr(diffusers, name)
 
 
-def _check_cancel(cancel: CancelFlag | None, when: str) -> None:
-    if cancel is not None:
-        cancel.check(when)
+class _Stopped(Exception):
+    """Raised from the step callback once every job of the call has left it."""
 
 
-def _run_or_none_if_out_of_memory(pipeline: DiffusionPipeline, arguments: dict[str, Any]) -> Any:
-    """The pipeline's output; None when the GPU ran out of memory (the failed run's frames are
-    released when this returns, so the caller can free their memory)."""
+_STOPPED = object()
+_OUT_OF_MEMORY = object()
+
+
+def _leave(job: Job, where: str) -> None:
+    """The job is canceled: answered now, with the line its logs show."""
+    error = Cancelled(f"canceled {where}")
+    job.log(logging.INFO, "%s", error)
+    job.finish(error)
+
+
+def _without_canceled(jobs: Sequence[Job], where: str) -> list[Job]:
+    live = []
+    for job in jobs:
+        if job.cancel.is_set():
+            _leave(job, where)
+        elif not job.done:
+            live.append(job)
+    return live
+
+
+def _run_or_stopped_or_out_of_memory(pipeline: DiffusionPipeline, arguments: dict[str, Any]) -> Any:
+    """The pipeline's output; `_STOPPED` when every job left; `_OUT_OF_MEMORY` when the GPU ran out
+    of memory (the failed run's frames are released when this returns, so the caller can free
+    their memory); another error, returned."""
     try:
         return pipeline(**arguments)
+    except _Stopped:
+        return _STOPPED
     except torch.OutOfMemoryError:
-        return None
+        return _OUT_OF_MEMORY
+    except Exception as error:
+        return error
 
 
 def free_accelerator_memory() -> None:

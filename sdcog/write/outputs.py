@@ -20,7 +20,9 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
+import threading
+import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -53,6 +55,8 @@ FILE_EXTENSIONS = {"png": "png", "jpg": "jpg", "webp": "webp"}
 PNG_COMPRESS_LEVEL = 1
 WEBP_METHOD = 0
 ENCODER_THREADS = min(4, os.cpu_count() or 1)
+OUTPUT_GRACE_ENV = "SDCOG_OUTPUT_GRACE_S"
+DEFAULT_OUTPUT_GRACE_S = 120.0
 
 
 def _exif_with_comment(text: str, exact: str | None) -> Image.Exif:
@@ -197,19 +201,41 @@ def write_outputs(
 
 
 class OutputDirectory:
-    """A fresh directory per prediction; the previous one is removed when the next is made.
+    """A fresh directory per prediction, removed `grace` seconds after its prediction finished.
 
-    The server has read a prediction's files by the time the next prediction starts, so at most
-    one prediction's images stay on disk.
+    Cog reads and sends a prediction's files after `predict()` returns, while other predictions
+    may be running, so no directory is removed while its prediction runs or in the `grace` seconds
+    after it ends (SDCOG_OUTPUT_GRACE_S, default 120: far longer than sending a few images takes).
+    Expired directories are removed when the next prediction starts.
     """
 
-    def __init__(self, root: Path | None = None):
+    def __init__(
+        self,
+        root: Path | None = None,
+        grace: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self.root = root or Path(tempfile.gettempdir()) / "sdcog-outputs"
-        self._current: Path | None = None
+        if grace is None:
+            grace = float(os.environ.get(OUTPUT_GRACE_ENV) or DEFAULT_OUTPUT_GRACE_S)
+        self.grace = grace
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._finished: dict[Path, float] = {}
 
     def next(self) -> Path:
-        if self._current is not None:
-            shutil.rmtree(self._current, ignore_errors=True)
+        """A new directory for a prediction that starts now; expired ones are removed first."""
+        now = self._clock()
+        with self._lock:
+            expired = [path for path, ended in self._finished.items() if now - ended >= self.grace]
+            for path in expired:
+                del self._finished[path]
+        for path in expired:
+            shutil.rmtree(path, ignore_errors=True)
         self.root.mkdir(parents=True, exist_ok=True)
-        self._current = Path(tempfile.mkdtemp(prefix="prediction-", dir=self.root))
-        return self._current
+        return Path(tempfile.mkdtemp(prefix="prediction-", dir=self.root))
+
+    def finished(self, directory: Path) -> None:
+        """The prediction that wrote `directory` has returned: its files may go after `grace`."""
+        with self._lock:
+            self._finished[directory] = self._clock()
