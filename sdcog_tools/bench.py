@@ -15,6 +15,7 @@ checker, PIL conversion, encoding and writing files). Setup is timed in fresh in
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import functools
 import gc
@@ -453,7 +454,8 @@ def run_bench(
         }
         if predict:
             predictor = load_predictor(directory, device)
-            paths[PREDICT] = functools.partial(predictor.predict, **{**default_inputs(predictor), **inputs})
+            arguments = {**default_inputs(predictor), **inputs}
+            paths[PREDICT] = lambda: asyncio.run(predictor.predict(**arguments))
         with contextlib.ExitStack() as stack:
             stack.enter_context(clock.patch_engine())
             server = http_ready_s = None

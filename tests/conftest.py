@@ -48,6 +48,15 @@ def sd15(tiny_sd15):
     return Engine.load(tiny_sd15)
 
 
+@pytest.fixture(scope="session")
+def sd15_server(tiny_sd15):
+    """Cog's server with the tiny SD 1.5 pipeline, one for the whole session: the HTTP contract,
+    async predictions and cancels, concurrency and the release gate's cases share it."""
+    write_schema(PROJECT_ROOT / ".cog" / "openapi_schema.json")
+    with running_server(PROJECT_ROOT, env={"MODEL_WEIGHTS": str(tiny_sd15)}) as running:
+        yield running
+
+
 @pytest.fixture(scope="module")
 def liveness_file(tmp_path_factory) -> Path:
     """Where the model marks a running prediction for deploy/probe.py (one per test module)."""

@@ -67,7 +67,7 @@ def test_the_compiled_warm_up_runs_on_the_thread_that_runs_predictions(tiny_sd15
     import threading
 
     import sdcog.generate.engine
-    from sdcog.generate.cancellation import run_cancellable
+    from sdcog.generate.cancellation import on_generation_thread
 
     compiled, threads = [], []
     monkeypatch.setenv(COMPILE_ENV, "reduce-overhead")
@@ -83,5 +83,5 @@ def test_the_compiled_warm_up_runs_on_the_thread_that_runs_predictions(tiny_sd15
     engine = Engine.load(tiny_sd15)
     assert compiled == ["reduce-overhead"] and len(threads) == 1
     request = resolve_request(engine.limits, prompt="a", width=64, height=64, num_inference_steps=1)
-    run_cancellable(lambda cancel: engine.generate(request, cancel))
+    on_generation_thread(lambda: engine.generate(request))
     assert threads[1] == threads[0] != threading.get_ident()

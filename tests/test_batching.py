@@ -85,7 +85,9 @@ def test_a_request_whose_prompt_is_refused_fails_alone_and_the_others_run(sd15):
     sd15.generate_batch(jobs)
     with pytest.raises(InputError, match="tokens long"):
         jobs[1].future.result(timeout=120)
-    assert np.array_equal(pixels(jobs[0].future.result(timeout=120)), pixels(jobs[2].future.result(timeout=120)))
+    assert np.array_equal(
+        pixels(jobs[0].future.result(timeout=120)), pixels(jobs[2].future.result(timeout=120))
+    )
 
 
 class CancelAfter(CancelFlag):

@@ -26,12 +26,6 @@ def schema_file():
 
 
 @pytest.fixture(scope="module")
-def sd15_server(schema_file, tiny_sd15):
-    with running_server(PROJECT_ROOT, env={"MODEL_WEIGHTS": str(tiny_sd15)}) as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
 def sdxl_server(schema_file, tiny_sdxl):
     with running_server(PROJECT_ROOT, env={"MODEL_WEIGHTS": str(tiny_sdxl)}) as server:
         yield server

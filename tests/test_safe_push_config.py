@@ -9,8 +9,6 @@ import pytest
 import yaml
 
 from sdcog.model.weights import PROJECT_ROOT
-from sdcog_tools.cog_schema import write_schema
-from sdcog_tools.cog_server import running_server
 from sdcog_tools.schema_compat import current_schema, input_properties
 
 CONFIG = yaml.safe_load((PROJECT_ROOT / "cog-safe-push.yaml").read_text())
@@ -78,10 +76,8 @@ def _outpaints(inputs):
     return any(name.startswith("outpaint_") for name in inputs)
 
 
-def test_the_error_cases_fail_with_the_expected_message_on_the_real_server(tiny_sd15):
-    write_schema(PROJECT_ROOT / ".cog" / "openapi_schema.json")
-    with running_server(PROJECT_ROOT, env={"MODEL_WEIGHTS": str(tiny_sd15)}) as http:
-        for case in ERROR_CASES:
-            body = http.predict(case["inputs"]).json()
-            assert body["status"] == "failed", (case["inputs"], body.get("status"))
-            assert case["error_contains"] in body["error"], (case["error_contains"], body["error"])
+def test_the_error_cases_fail_with_the_expected_message_on_the_real_server(sd15_server):
+    for case in ERROR_CASES:
+        body = sd15_server.predict(case["inputs"]).json()
+        assert body["status"] == "failed", (case["inputs"], body.get("status"))
+        assert case["error_contains"] in body["error"], (case["error_contains"], body["error"])
