@@ -5,19 +5,22 @@
 Exit status 0 passes; the reason for a failure is printed (`kubectl describe pod` shows it).
 Stdlib only: it runs in the model's container, with its `python`. It reads the `status` of Cog's
 GET /health-check on 127.0.0.1:$PORT (5000 unless PORT is set), which answers HTTP 200 in every
-state, and the model's liveness file (sdcog/liveness.py: it exists while `predict()` runs).
+state, and the model's liveness file (sdcog/liveness.py: it exists while a prediction is in the
+model, running or queued, and holds the last time one started or ended).
 
 - startup:   setup has ended, well or not: anything but STARTING.
 - readiness: READY: the server can take a prediction now.
-- liveness:  READY, or BUSY with a prediction running in the model for at most --max-prediction
-             seconds. BUSY with none running for --grace seconds is a stuck slot: Cog's server
+- liveness:  READY, or BUSY (every slot taken) with predictions in the model, one of which started
+             or ended at most --max-prediction seconds ago. BUSY with none running for --grace
+             seconds is a stuck slot: Cog's server
              (coglet 0.23.1) stays BUSY for good after a prediction id it could not make a folder
              for (deploy/front.py refuses those ids), and an answered prediction frees its slot
              a few milliseconds after predict() returns (more with --upload-url), which the grace
              covers. SETUP_FAILED, UNHEALTHY and no answer fail at once.
 - prestop:   waits --settle seconds (the Service stops routing here), then as long as a
-             prediction runs; returns when the server is no longer BUSY, or after --grace seconds
-             of a stuck slot, so that a stuck pod restarts at once.
+             prediction is in the model, running or queued (the server says READY meanwhile when
+             it has free slots); returns once none is and the server is not BUSY, or after
+             --grace seconds of a stuck slot, so that a stuck pod restarts at once.
 """
 
 from __future__ import annotations
@@ -78,17 +81,22 @@ def liveness(grace: float, max_prediction: float) -> tuple[bool, str]:
 
 
 def prestop(settle: float, grace: float) -> tuple[bool, str]:
+    """Wait while any prediction is in the model (running or queued: the server may say READY
+    meanwhile, having free slots), and while BUSY until a stuck slot shows itself."""
     time.sleep(settle)
     stuck_since = None
-    while (status := health_status()) == "BUSY":
+    while True:
         if prediction_started_at() is not None:
             stuck_since = None
-        elif stuck_since is None:
-            stuck_since = time.monotonic()
-        elif time.monotonic() - stuck_since >= grace:
-            return True, "a stuck slot: no prediction to wait for"
+        else:
+            status = health_status()
+            if status != "BUSY":
+                return True, status
+            if stuck_since is None:
+                stuck_since = time.monotonic()
+            elif time.monotonic() - stuck_since >= grace:
+                return True, "a stuck slot: no prediction to wait for"
         time.sleep(POLL)
-    return True, status
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:

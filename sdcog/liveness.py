@@ -33,12 +33,13 @@ _lock = threading.Lock()
 
 
 def prediction_started() -> None:
-    """Record that a prediction runs in this process from now (the file exists while any does)."""
+    """Record that a prediction is in the model from now: the file exists while any is (running
+    or queued), and its `started` is the last time one started or ended, so that the probe tells a
+    busy model (its predictions come and go) from a hung one (none has moved for a long time)."""
     global _running
     with _lock:
         _running += 1
-        if _running == 1:
-            _write()
+        _write()
 
 
 def prediction_ended() -> None:
@@ -47,6 +48,8 @@ def prediction_ended() -> None:
         _running = max(0, _running - 1)
         if _running == 0:
             _remove()
+        else:
+            _write()
 
 
 def _write() -> None:

@@ -51,6 +51,7 @@ from sdcog.model.weights import PROJECT_ROOT, WEIGHTS_ENV
 from sdcog.resolve.request import resolve_request
 from sdcog.resolve.schedulers import DEFAULT_SCHEDULER, SCHEDULERS
 from sdcog.write.outputs import write_outputs
+from sdcog_tools.bench_concurrency import format_concurrency, run_concurrency
 from sdcog_tools.bench_report import HTTP, PLAIN, PREDICT, PROJECT, format_report, plot, ratio, targets
 from sdcog_tools.cog_schema import write_schema
 from sdcog_tools.cog_server import running_server
@@ -555,6 +556,13 @@ def main(argv: list[str] | None = None) -> int:
         help="the project's UNet compiled in this torch.compile mode (SDCOG_COMPILE) and warmed "
         "up at load; setup is then timed in-process, and predict() and HTTP are skipped",
     )
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        metavar="N",
+        help="instead of the paths: images per second with N clients at once against one, through "
+        "the HTTP server (batching on and off); --reps requests per run (default 8 x N)",
+    )
     parser.add_argument("--json", type=Path, help="default: bench/bench-<name>-<device>.json")
     parser.add_argument("--plot", type=Path, help="default: the --json path with .png")
     parser.add_argument("--strict", action="store_true", help="exit 1 when a target fails")
@@ -570,6 +578,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.compile:
         os.environ[COMPILE_ENV] = args.compile
     print(f"bench: {name} ({directory}) on {device}; load average {os.getloadavg()[0]:.2f}", flush=True)
+    if args.concurrency:
+        inputs = dict(prompt=PROMPT, num_inference_steps=args.steps or steps, num_outputs=args.num_outputs)
+        inputs.update(width=args.width or width or 512, height=args.height or height or 512)
+        record = run_concurrency(
+            directory, device, inputs, args.concurrency, args.reps or 8 * args.concurrency
+        )
+        print(format_concurrency(record))
+        json_path = args.json or PROJECT_ROOT / "bench" / f"concurrency-{name}-{device.type}.json"
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+        print(f"wrote {json_path}")
+        return 0
     record = run_bench(
         directory,
         device,

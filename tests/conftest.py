@@ -49,11 +49,15 @@ def sd15(tiny_sd15):
 
 
 @pytest.fixture(scope="session")
-def sd15_server(tiny_sd15):
+def sd15_server(tiny_sd15, tmp_path_factory):
     """Cog's server with the tiny SD 1.5 pipeline, one for the whole session: the HTTP contract,
-    async predictions and cancels, concurrency and the release gate's cases share it."""
+    async predictions and cancels, concurrency and the release gate's cases share it. Its
+    liveness file is `sd15_server.liveness_file`."""
     write_schema(PROJECT_ROOT / ".cog" / "openapi_schema.json")
-    with running_server(PROJECT_ROOT, env={"MODEL_WEIGHTS": str(tiny_sd15)}) as running:
+    liveness_path = tmp_path_factory.mktemp("sd15-liveness") / "liveness.json"
+    env = {"MODEL_WEIGHTS": str(tiny_sd15), liveness.LIVENESS_FILE_VARIABLE: str(liveness_path)}
+    with running_server(PROJECT_ROOT, env=env) as running:
+        running.liveness_file = liveness_path
         yield running
 
 
@@ -69,6 +73,9 @@ def liveness_server(liveness_file):
     test module (tests/test_stuck_slot.py leaves its own wedged)."""
     write_schema(PROJECT_ROOT / ".cog" / "openapi_schema.json")
     env = {"MODEL_WEIGHTS": str(BUNDLED_MODEL_DIR), liveness.LIVENESS_FILE_VARIABLE: str(liveness_file)}
+    # One slot, so that one prediction makes the server BUSY (every slot taken): the probes' BUSY
+    # paths, and the stuck slot, are what they are with any number of slots, once all are taken.
+    env["COG_MAX_CONCURRENCY"] = "1"
     with running_server(PROJECT_ROOT, env=env) as running:
         yield running
 

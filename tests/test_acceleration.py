@@ -6,7 +6,7 @@ import torch
 
 from sdcog.generate.engine import Engine
 from sdcog.model import acceleration
-from sdcog.model.acceleration import COMPILE_ENV, compile_mode, optimize_modules, pipeline_dtype
+from sdcog.model.acceleration import COMPILE_ENV, compile_mode, decode_bytes, optimize_modules, pipeline_dtype
 from sdcog.model.families import SD1, SD2, SDXL
 from sdcog.resolve.request import resolve_request
 
@@ -43,14 +43,24 @@ def test_fused_qkv_draws_the_same_images(request, pipeline_fixture):
         assert np.abs(old - new).max() <= 2  # float rounding of a different summation order
 
 
-def test_very_large_sizes_decode_in_tiles_and_small_ones_do_not(tiny_sd15):
+def test_a_decode_is_tiled_when_it_would_not_fit_in_memory_and_never_for_its_size_alone(
+    tiny_sd15, monkeypatch
+):
+    """Issue 18: tiling followed the VAE config's sample size, so a VAE trained at 64 px decoded a
+    256x256 image in tiles, 5x slower than whole, with all the memory it needed at hand."""
     engine = Engine.load(tiny_sd15)
-    tile = engine.pipeline.vae.tile_sample_min_size  # 128 for the tiny VAE (512 for SD 1.5's)
+    vae = engine.pipeline.vae
+    tile = vae.tile_sample_min_size  # 128 for the tiny VAE (512 for SD 1.5's)
     large = resolve_request(engine.limits, prompt="a", width=2 * tile + 8, height=64, num_inference_steps=1)
+    engine.generate(large)
+    assert not vae.use_tiling  # over twice the tile size, but a few MB to decode
+    needed = decode_bytes(vae, large.width, large.height, 1)
+    monkeypatch.setattr("sdcog.generate.engine.free_memory_bytes", lambda device: needed)  # half of it free
     [image] = engine.generate(large).images
-    assert engine.pipeline.vae.use_tiling and image.size == (2 * tile + 8, 64)
-    engine.generate(resolve_request(engine.limits, prompt="a", width=64, height=64, num_inference_steps=1))
-    assert not engine.pipeline.vae.use_tiling  # set per request: the next one does not inherit it
+    assert vae.use_tiling and image.size == (2 * tile + 8, 64)
+    monkeypatch.setattr("sdcog.generate.engine.free_memory_bytes", lambda device: 2 * needed)
+    engine.generate(large)
+    assert not vae.use_tiling  # set per request: the next one does not inherit it
 
 
 def test_compile_mode_from_the_environment():

@@ -330,3 +330,36 @@ def test_against_the_real_server_ready_busy_and_prestop_waiting_for_the_predicti
     wait_for_status(server, "READY")
     assert not liveness_file.exists()
     assert passes(container, server.port, liveness_file) == EXPECTED["READY"]
+
+
+def test_prestop_waits_for_predictions_in_the_model_while_the_server_still_says_ready(sd15_server, container):
+    """Issue 18: with 32 slots the server says READY while predictions run and wait in the model;
+    preStop waited only while BUSY, so SIGTERM dropped them."""
+    environment = {
+        **os.environ,
+        "PORT": str(sd15_server.port),
+        liveness.LIVENESS_FILE_VARIABLE: str(sd15_server.liveness_file),
+    }
+    inputs = {"prompt": "a red circle", "width": 64, "height": 64, "num_inference_steps": 400}
+    response = httpx.post(
+        f"{sd15_server.url}/predictions",
+        json={"id": "drain-1", "input": inputs},
+        headers={"Prefer": "respond-async"},
+        timeout=30,
+    )
+    assert response.status_code == 202, response.text
+    pre_stop = None
+    try:
+        wait_for_the_model(sd15_server.liveness_file)
+        assert sd15_server.health()["status"] == "READY"
+        pre_stop = subprocess.Popen(local_command(probe_command(container, "preStop")), env=environment)
+        arguments = probe_arguments(container, "preStop")
+        time.sleep(arguments.settle + arguments.grace + 1)
+        assert pre_stop.poll() is None  # still waiting: a prediction is in the model
+        httpx.post(f"{sd15_server.url}/predictions/drain-1/cancel", timeout=30)
+        assert pre_stop.wait(timeout=30) == 0
+    finally:
+        httpx.post(f"{sd15_server.url}/predictions/drain-1/cancel", timeout=30)
+        if pre_stop is not None and pre_stop.poll() is None:
+            pre_stop.kill()
+            pre_stop.wait()

@@ -23,7 +23,7 @@ Each request waits for /health-check to say READY first (see `Fuzzer.wait_until_
 answer must be: no 5xx, no 409 (requests are sequential: busy means a leaked slot), within
 REQUEST_TIMEOUT_S (else it hung), and every refusal names a field: a 422's `detail[].loc` is
 ["body", "input", <field>]; a failed prediction's `error`, once Cog's wrapping ("Prediction failed:
-Prediction failed: InputError: ") is taken off, starts with "<field>: " (or "width/height/num_outputs:
+Async prediction failed: InputError: ") is taken off, starts with "<field>: " (or "width/height/num_outputs:
 " for the pixel budget); a 400 (JSON Cog cannot parse) names "input.<field>" in its text, unless
 the body was not a JSON object at all. At the end /health-check says READY and the server process
 is alive. Problems are collected rather than raised, so one run reports all of them with the exact
@@ -631,7 +631,7 @@ def hostile_ids() -> st.SearchStrategy[Any]:
 
 # -- sending and judging ---------------------------------------------------------------------------
 
-FAILED_WRAPPING = re.compile(r"^(?:Prediction failed: )+(?:InputError: )?")
+FAILED_WRAPPING = re.compile(r"^(?:(?:Async p|P)rediction failed: )+(?:InputError: )?")
 NAMED_ERROR = re.compile(r"^(?P<fields>[a-z_]+(?:/[a-z_]+)*): ")
 PARSE_ERROR = re.compile(
     r"^Failed to (?:parse the request body as JSON|deserialize the JSON body into the target type): "

@@ -29,7 +29,10 @@ REQUEST = dict(prompt="a red circle on a blue background", width=64, height=64, 
 
 def pixels(engine: Engine, cache: AdapterCache | None = None, **inputs) -> np.ndarray:
     request = resolve_request(engine.limits, **{**REQUEST, **inputs})
-    generation = engine.generate(request, adapters=cache.fetch_for(request) if cache else NO_ADAPTERS)
+    adapters = cache.fetch_for(request) if cache else NO_ADAPTERS
+    generation = engine.generate(request, adapters=adapters)
+    if cache:
+        cache.release(adapters)
     return np.stack([np.asarray(image, dtype=np.int16) for image in generation.images])
 
 

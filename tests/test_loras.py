@@ -97,7 +97,11 @@ def generate(engine, cache, lora_weights=None, lora_scales=None, prompt="a red c
         lora_weights=lora_weights,
         lora_scales=lora_scales,
     )
-    generation = engine.generate(request, adapters=cache.fetch_for(request))
+    adapters = cache.fetch_for(request)
+    try:
+        generation = engine.generate(request, adapters=adapters)
+    finally:
+        cache.release(adapters)
     return np.asarray(generation.images[0], dtype=np.int16), generation
 
 

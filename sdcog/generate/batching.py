@@ -115,9 +115,9 @@ class Job:
     def done(self) -> bool:
         return self.future.done()
 
-    def log(self, level: int, message: str, *arguments: object) -> None:
+    def log(self, level: int, message: str, *arguments: object, logger: logging.Logger = log) -> None:
         """Log in the submitter's context, so the line joins its prediction's logs."""
-        self.context.run(log.log, level, message, *arguments)
+        self.context.run(logger.log, level, message, *arguments)
 
     def finish(self, outcome: Generation | BaseException) -> None:
         """Set the job's result or error (once: a job that left the batch keeps its first)."""

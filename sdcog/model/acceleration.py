@@ -131,3 +131,31 @@ def apply_fast_path(pipeline: DiffusionPipeline, device: torch.device) -> list[s
         pipeline.vae.enable_slicing()  # a batch decodes one image at a time: peak memory / batch
         applied.append("VAE slicing")
     return applied
+
+
+DECODE_ACTIVATIONS = 8
+"""Full-resolution activations a VAE decode holds at once, in its widest output block's channels
+(resnet temporaries, normalisation, the upsampler's input): a margin over what one block holds."""
+
+
+def decode_bytes(vae: torch.nn.Module, width: int, height: int, images: int) -> int:
+    """About the most memory an untiled VAE decode of `images` images of width x height takes
+    (one at a time when the VAE decodes in slices)."""
+    channels = min(vae.config.block_out_channels)  # the full-resolution blocks are the narrowest
+    at_once = 1 if getattr(vae, "use_slicing", False) else images
+    element = torch.finfo(vae.dtype).bits // 8
+    return width * height * channels * element * DECODE_ACTIVATIONS * at_once
+
+
+def free_memory_bytes(device: torch.device) -> int:
+    """Memory free for a decode now: the GPU's free memory, or the system's available memory."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
