@@ -52,7 +52,17 @@ from sdcog.resolve.request import resolve_request
 from sdcog.resolve.schedulers import DEFAULT_SCHEDULER, SCHEDULERS
 from sdcog.write.outputs import write_outputs
 from sdcog_tools.bench_concurrency import format_concurrency, run_concurrency
-from sdcog_tools.bench_report import HTTP, PLAIN, PREDICT, PROJECT, format_report, plot, ratio, targets
+from sdcog_tools.bench_report import (
+    HTTP,
+    PLAIN,
+    PREDICT,
+    PROJECT,
+    format_matrix,
+    format_report,
+    plot,
+    ratio,
+    targets,
+)
 from sdcog_tools.cog_schema import write_schema
 from sdcog_tools.cog_server import running_server
 from sdcog_tools.random_pipelines import PRESETS, save_pipeline
@@ -413,14 +423,20 @@ def plain_path(
     return run
 
 
-def project_path(engine: Engine, inputs: dict[str, Any], directory: Path) -> Callable[[], Any]:
-    """What a prediction does in-process: resolve the request, generate, write the files."""
+def project_path(
+    engine: Engine, inputs: dict[str, Any], directory: Path, encode_times: list[float]
+) -> Callable[[], Any]:
+    """What a prediction does in-process: resolve the request, generate, write the files (how long
+    writing took goes to `encode_times`, so that the time after the last step splits into the
+    VAE decode and the encoding)."""
 
     def run() -> None:
         request = resolve_request(engine.limits, **inputs)
         # On the thread where predict() generates (CUDA graphs of a compiled UNet belong to it).
         generation = on_generation_thread(lambda: engine.generate(request))
+        started = time.perf_counter()
         write_outputs(generation, request, engine.weights.name, directory)
+        encode_times.append(time.perf_counter() - started)
 
     return run
 
@@ -449,9 +465,10 @@ def run_bench(
         request = resolve_request(engine.limits, **inputs, output_quality=90)
         inputs.update(width=request.width, height=request.height, guidance_scale=request.guidance_scale)
         inputs["output_quality"] = request.output_quality
+        encode_times: list[float] = []
         paths = {
             PLAIN: plain_path(plain, inputs, device, clock),
-            PROJECT: project_path(engine, inputs, workdir / "project"),
+            PROJECT: project_path(engine, inputs, workdir / "project", encode_times),
         }
         if predict:
             predictor = load_predictor(directory, device)
@@ -478,6 +495,10 @@ def run_bench(
         else:
             setup = {**loads, "method": "in-process load, once each, plain first (imports not counted)"}
     latency = {path: summarize(path_runs) for path, path_runs in runs.items()}
+    # The project's time after the last step: the VAE decode (and safety checker), then encoding.
+    encode_s = median(encode_times[1 : 1 + reps])  # the timed reps (the first was the warm-up)
+    if encode_s is not None and latency[PROJECT].get("after_s") is not None:
+        latency[PROJECT].update(encode_s=encode_s, decode_s=latency[PROJECT]["after_s"] - encode_s)
     setup_key = "boot_s" if setup_reps > 0 else "load_s"
     plain_s, predict_s, http_s = (latency.get(path, {}).get("total_s") for path in (PLAIN, PREDICT, HTTP))
     return {
@@ -557,6 +578,11 @@ def main(argv: list[str] | None = None) -> int:
         "up at load; setup is then timed in-process, and predict() and HTTP are skipped",
     )
     parser.add_argument(
+        "--sizes",
+        help="a matrix of square sizes, e.g. 64,256,512: each measured as above, then one table "
+        "of them all (the JSON holds each size's record)",
+    )
+    parser.add_argument(
         "--concurrency",
         type=int,
         metavar="N",
@@ -590,6 +616,32 @@ def main(argv: list[str] | None = None) -> int:
         json_path.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
         print(f"wrote {json_path}")
         return 0
+    if args.sizes:
+        records = {}
+        for size in [int(value) for value in args.sizes.split(",")]:
+            records[size] = run_bench(
+                directory,
+                device,
+                width=size,
+                height=size,
+                steps=args.steps or steps,
+                num_outputs=args.num_outputs,
+                reps=reps,
+                http=not args.no_http,
+                setup_reps=0,
+                predict=not args.compile,
+            )
+            records[size]["name"] = name
+            records[size]["targets"] = targets(records[size])
+            print(format_report(records[size]), flush=True)
+        print(format_matrix(records))
+        json_path = args.json or PROJECT_ROOT / "bench" / f"bench-{name}-{device.type}-matrix.json"
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps({str(size): r for size, r in records.items()}, indent=1) + "\n")
+        print(f"wrote {json_path}")
+        return (
+            1 if args.strict and any(t["ok"] is False for r in records.values() for t in r["targets"]) else 0
+        )
     record = run_bench(
         directory,
         device,

@@ -100,6 +100,8 @@ def format_report(record: dict[str, Any]) -> str:
         ("  per denoising step ms", "step_s", 1000),
         ("  before the first step ms", "before_s", 1000),
         ("  after the last step ms", "after_s", 1000),
+        ("    VAE decode ms", "decode_s", 1000),
+        ("    encoding files ms", "encode_s", 1000),
         ("  outside the loop %", "outside_share", 100),
     ]:
         lines.append(
@@ -171,3 +173,24 @@ def plot(record: dict[str, Any], path: Path) -> None:
         x += 40 + int(draw.textlength(name, font=font))
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path, format="PNG")
+
+
+def format_matrix(records: dict[int, dict[str, Any]]) -> str:
+    """One line per size: each path's median latency, the ratios to plain, and the project's
+    decode and encoding (the time after its last step, split)."""
+    lines = [
+        f"{'size':>9} {'plain ms':>9} {'project':>9} {'x':>6} {'http':>9} {'x':>6} {'http-plain':>10} "
+        f"{'decode':>7} {'encode':>7}"
+    ]
+    for size, record in records.items():
+        latency = record["latency"]
+        plain, project = latency[PLAIN]["total_s"], latency[PROJECT]
+        http = latency.get(HTTP, {}).get("total_s")
+        lines.append(
+            f"{size:>4}x{size:<4} {1000 * plain:9.1f} {1000 * project['total_s']:9.1f} "
+            f"{project['total_s'] / plain:6.3f} {cell(http, 1000):>9} "
+            f"{cell(ratio(http, plain), digits=3):>6} "
+            f"{cell(record['ratios']['http_minus_plain_ms']):>10} {cell(project.get('decode_s'), 1000):>7} "
+            f"{cell(project.get('encode_s'), 1000):>7}"
+        )
+    return "\n".join(lines)
