@@ -17,7 +17,7 @@ from sdcog.pinned_internals import PINNED, PinnedInternal, unchecked_internals
 
 MARKED = {
     "sdcog.fetch.input_files.guard_cog_downloads": "cog",
-    "sdcog.fetch.adapter_archives._CheckedTarInfo": "python",
+    "sdcog.fetch.adapter_archives.CheckedTarInfo": "python",
     "sdcog.generate.embeddings._pool_at_the_end_token": "transformers",
     "sdcog.model.weights.hub_download_leftovers": "huggingface_hub",
     "sdcog.model.weights_check._culprit": "diffusers",

@@ -52,7 +52,7 @@ _COMPRESSIONS = (
 _DECOMPRESSION_ERRORS = (OSError, EOFError, lzma.LZMAError, zlib.error)
 
 
-def _decompressed(raw: BinaryIO) -> BinaryIO:
+def decompressed(raw: BinaryIO) -> BinaryIO:
     """`raw`, decompressed if it starts as gzip, bzip2 or xz data do; read as it goes, never whole."""
     magic = raw.read(6)
     raw.seek(0)
@@ -85,7 +85,7 @@ class _Unpacked:
 
 
 @relies_on_internals("python", "3.11", "tarfile.TarInfo._proc_member and _proc_gnusparse_*, overridden")
-class _CheckedTarInfo(tarfile.TarInfo):
+class CheckedTarInfo(tarfile.TarInfo):
     """tarfile's member headers, with the extensions that make it read without bounds refused:
     pax and GNU long-name headers are read whole into memory (at most `_MAX_EXTENSION_HEADER`
     here) and recursively (at most `_MAX_EXTENSION_CHAIN` in a row); GNU sparse maps grow a list
@@ -124,7 +124,7 @@ class _CheckedTarInfo(tarfile.TarInfo):
 def is_tar(path: Path) -> bool:
     """Whether the file (or what it decompresses to) starts with a tar header; reads 512 bytes of it."""
     try:
-        with path.open("rb") as raw, _decompressed(raw) as stream:
+        with path.open("rb") as raw, decompressed(raw) as stream:
             block = stream.read(tarfile.BLOCKSIZE)
         tarfile.TarInfo.frombuf(block, tarfile.ENCODING, "surrogateescape")
     except (tarfile.TarError, *_DECOMPRESSION_ERRORS):
@@ -140,9 +140,9 @@ def _tar_members(
     back), its decompressed bytes at most `limit` and its members at most `MAX_TAR_MEMBERS`. A
     damaged archive is an InputError naming `field`."""
     try:
-        with archive.open("rb") as raw, _decompressed(raw) as stream:
+        with archive.open("rb") as raw, decompressed(raw) as stream:
             unpacked = _Unpacked(stream, limit, field, reference)
-            with tarfile.open(fileobj=unpacked, mode="r|", tarinfo=_CheckedTarInfo) as tar:
+            with tarfile.open(fileobj=unpacked, mode="r|", tarinfo=CheckedTarInfo) as tar:
 
                 def members() -> Iterator[tarfile.TarInfo]:
                     for count, member in enumerate(tar, 1):
