@@ -36,6 +36,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 ID_RULE = "1 to 64 characters, each a letter A-Z or a-z, a digit, _ or -"
@@ -45,6 +46,10 @@ PLAIN_ROUTES = {"/", "/health-check", "/openapi.json"}
 MAX_BODY = 100 * 1024 * 1024  # coglet's MAX_HTTP_BODY_SIZE
 DEFAULT_UPSTREAM_PORT = "5000"
 CONNECT_TIMEOUT = 10
+RACE_RETRIES = 3
+RACE_DELAY = 0.02
+"""A 409 to a new prediction is asked again after 20, 40 and 60 ms (see `forward`): a full server
+still answers 409, 120 ms later."""
 # Not forwarded: hop-by-hop headers (RFC 9110), and the framing the front sets itself.
 HOP_BY_HOP = {
     "connection",
@@ -121,17 +126,29 @@ class Front(BaseHTTPRequestHandler):
     do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = do_GET
 
     def forward(self, body: bytes) -> None:
-        upstream = http.client.HTTPConnection("127.0.0.1", self.server.upstream_port, timeout=CONNECT_TIMEOUT)
         headers = {name: value for name, value in self.headers.items() if name.lower() not in HOP_BY_HOP}
-        try:
-            upstream.request(self.command, self.path, body=body or None, headers=headers)
-            if not self.client_waits_for(upstream.sock):
-                return
-            upstream.sock.settimeout(None)
-            response = upstream.getresponse()
-        except (OSError, http.client.HTTPException) as error:
-            where = f"127.0.0.1:{self.server.upstream_port}"
-            return self.answer(502, {"detail": f"the server on {where} did not answer: {error}"})
+        for attempt in range(RACE_RETRIES + 1):
+            upstream = http.client.HTTPConnection(
+                "127.0.0.1", self.server.upstream_port, timeout=CONNECT_TIMEOUT
+            )
+            try:
+                upstream.request(self.command, self.path, body=body or None, headers=headers)
+                if not self.client_waits_for(upstream.sock):
+                    return
+                upstream.sock.settimeout(None)
+                response = upstream.getresponse()
+            except (OSError, http.client.HTTPException) as error:
+                upstream.close()
+                where = f"127.0.0.1:{self.server.upstream_port}"
+                return self.answer(502, {"detail": f"the server on {where} did not answer: {error}"})
+            if response.status == 409 and self.command in ("POST", "PUT") and attempt < RACE_RETRIES:
+                # coglet 0.23 answers 409 to a request that arrives while another takes a slot, even
+                # with slots free (its pool's try_lock); a moment later the request gets one.
+                response.read()
+                upstream.close()
+                time.sleep(RACE_DELAY * (attempt + 1))
+                continue
+            break
         try:
             self.send_response(response.status, response.reason)
             for name, value in response.getheaders():
