@@ -75,8 +75,8 @@ class CogServer:
     def predict(self, inputs: Mapping[str, object], timeout: float = 600, **extra: object) -> httpx.Response:
         """A synchronous prediction: POST /predictions and wait for the answer.
 
-        Waits for the previous prediction's slot to be freed first (see `settled_status`), as
-        a sequential client must, or a request sent right after an answer may get 409.
+        Waits until the server is not BUSY first (see `settled_status`): with one slot (the probe
+        tests' servers), a request sent right after an answer may otherwise get 409.
         """
         self.settled_status()
         return httpx.post(f"{self.url}/predictions", json={"input": dict(inputs), **extra}, timeout=timeout)

@@ -6,23 +6,18 @@ from __future__ import annotations
 
 import base64
 import io
-import os
 import re
-import signal
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
 import httpx
 import pytest
+from front_process import running_front
 from hostile_archives import data_uri
 from lora_files import make_lora
 from PIL import Image
 from webhooks import WebhookReceiver, progress_steps, start_async
-
-from sdcog.model.weights import PROJECT_ROOT
 
 FAST = {"prompt": "a red circle", "width": 64, "height": 64, "num_inference_steps": 1, "output_format": "png"}
 DONE = ("succeeded", "failed", "canceled")
@@ -56,19 +51,8 @@ def test_a_client_sending_each_request_right_after_the_last_answer_never_gets_40
 @pytest.fixture(scope="module")
 def front(sd15_server):
     """deploy/front.py in front of the server, as the Kubernetes sample runs it."""
-    process = subprocess.Popen(
-        [sys.executable, str(PROJECT_ROOT / "deploy" / "front.py"), "--host", "127.0.0.1", "--port", "0"],
-        env={**os.environ, "PORT": str(sd15_server.port)},
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        banner = process.stdout.readline()  # "front on 127.0.0.1:<port>, to 127.0.0.1:<server port>"
-        port = re.search(r"127\.0\.0\.1:(\d+),", banner)[1]
+    with running_front(sd15_server.port) as port:
         yield SimpleNamespace(url=f"http://127.0.0.1:{port}")
-    finally:
-        process.send_signal(signal.SIGTERM)
-        process.wait(timeout=15)
 
 
 def test_eight_concurrent_clients_each_get_their_own_seeds_and_requests_batch(sd15_server, front):

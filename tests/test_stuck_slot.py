@@ -22,7 +22,6 @@ import logging
 import os
 import re
 import shutil
-import signal
 import subprocess
 import time
 import uuid
@@ -31,6 +30,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
+from front_process import running_front
 from hostile_ids import HOSTILE_IDS, HOSTILE_URL_SEGMENTS, NON_STRING_IDS, VALID_IDS, url_segment
 from test_deploy_manifest import (
     LONG,
@@ -64,18 +64,10 @@ def server(liveness_server):
 
 
 @pytest.fixture(scope="module")
-def front(server, manifest) -> int:
+def front(server) -> int:
     """deploy/front.py as the manifest runs it, on a free loopback port; yields that port."""
-    command = [*local_command(manifest["front"]["args"]), "--host", "127.0.0.1", "--port", "0"]
-    process = subprocess.Popen(
-        command, env={**os.environ, "PORT": str(server.port)}, stdout=subprocess.PIPE, text=True
-    )
-    try:
-        banner = process.stdout.readline()  # "front on 127.0.0.1:<port>, to 127.0.0.1:<server port>"
-        yield int(re.search(r"127\.0\.0\.1:(\d+),", banner)[1])
-    finally:
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=15) == 0
+    with running_front(server.port) as port:
+        yield port
 
 
 def send(port: int, method: str, path: str, body: object = None) -> tuple[int, dict]:

@@ -169,14 +169,13 @@ class _Budget:
         data = source.read(MAX_ENTRY_BYTES + 1)
         if len(data) > MAX_ENTRY_BYTES:
             raise InputError(FIELD, f"{name}: over the limit of {MAX_ENTRY_BYTES:,} bytes per file")
-        self.total += len(data)
-        if self.total > MAX_TOTAL_BYTES:
-            raise InputError(FIELD, f"the archive unpacks to more than {MAX_TOTAL_BYTES:,} bytes")
+        self.unpacked(len(data))
         return data
 
-    def skip(self, declared: int) -> None:
-        """A tar member not read is still decompressed to reach the next one: it counts."""
-        self.total += declared
+    def unpacked(self, size: int) -> None:
+        """`size` more bytes unpacked: a file read, or a tar member skipped (it is still
+        decompressed to reach the next one)."""
+        self.total += size
         if self.total > MAX_TOTAL_BYTES:
             raise InputError(FIELD, f"the archive unpacks to more than {MAX_TOTAL_BYTES:,} bytes")
 
@@ -206,7 +205,7 @@ def _entries(archive: Path) -> Iterator[tuple[str, bytes]]:
                     budget.entry()
                     name = _checked_name(member.name)
                     if name is None or not member.isfile() or not _wanted(name):
-                        budget.skip(member.size)
+                        budget.unpacked(member.size)
                         continue
                     yield name, budget.read(name, opened.extractfile(member), member.size)
     except (tarfile.TarError, OSError, EOFError) as error:
