@@ -154,6 +154,10 @@ class Predictor(BasePredictor):
             description="Textual-inversion embeddings (up to 8), separated by commas or spaces, each a reference as in lora_weights, optionally as word=<reference>. Write the word in prompt or negative_prompt to use it; it defaults to the file's name (easynegative.safetensors: easynegative). .safetensors in AUTOMATIC1111, diffusers or SDXL (clip_l/clip_g) format.",  # noqa: E501
             default=None,
         ),
+        replicate_weights: str | None = Input(
+            description="A LoRA trained with this model's cog train (its trained_model.tar, as lora_weights takes it), applied first at scale 1 with its trigger word's embeddings. Replicate fills it in when a trained version runs; leave it empty otherwise.",  # noqa: E501
+            default=None,
+        ),
         hf_api_token: Secret | None = Input(
             description="Hugging Face token for private or gated LoRA and embedding repositories; sent to Hugging Face only, never logged. Default: the server's HF_TOKEN.",  # noqa: E501
             default=None,
@@ -190,6 +194,7 @@ class Predictor(BasePredictor):
                     lora_weights=lora_weights,
                     lora_scales=lora_scales,
                     embeddings=embeddings,
+                    replicate_weights=replicate_weights,
                 )
             )
             for index, image_seed in enumerate(request.seeds):

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import cog
+import yaml
 from cog import _adt, _inspector
 
 from sdcog.model.weights import PROJECT_ROOT
@@ -119,9 +120,40 @@ def input_properties(schema: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return properties
 
 
+_MODES = {
+    # mode: (endpoint, request, response, input, output, summary, operation, cancel operation, id)
+    "predict": (
+        "/predictions",
+        "PredictionRequest",
+        "PredictionResponse",
+        "Input",
+        "Output",
+        "Predict",
+        "predict_predictions_post",
+        "cancel_predictions__prediction_id__cancel_post",
+        "prediction_id",
+    ),
+    "train": (
+        "/trainings",
+        "TrainingRequest",
+        "TrainingResponse",
+        "TrainingInput",
+        "TrainingOutput",
+        "Train",
+        "train_trainings_post",
+        "cancel_trainings__training_id__cancel_post",
+        "training_id",
+    ),
+}
+
+
 @relies_on_internals("cog", "0.23.1", "cog._adt's input types, which it writes as OpenAPI")
-def build_schema(info: _adt.PredictorInfo, version: str = cog.__version__) -> dict[str, Any]:
-    """The OpenAPI 3.0.2 document Cog writes for a predictor (prediction mode)."""
+def build_schema(
+    info: _adt.PredictorInfo, version: str = cog.__version__, mode: str = "predict"
+) -> dict[str, Any]:
+    """The OpenAPI 3.0.2 document Cog writes for a predictor (prediction mode) or a trainer."""
+    endpoint, request, response, input_key, output_key, summary, operation, cancel, id_name = _MODES[mode]
+    noun = "prediction" if mode == "predict" else "training"
     properties: dict[str, Any] = {}
     enums: dict[str, Any] = {}
     required: list[str] = []
@@ -132,26 +164,29 @@ def build_schema(info: _adt.PredictorInfo, version: str = cog.__version__) -> di
             enums[name] = enum
         if is_required:
             required.append(name)
-    input_schema: dict[str, Any] = {"title": "Input", "type": "object", "properties": properties}
+    input_schema: dict[str, Any] = {"title": input_key, "type": "object", "properties": properties}
     if required:
         input_schema["required"] = required
     string = {"type": "string"}
     timestamp = {"type": "string", "format": "date-time"}
     schemas = {
-        "Input": input_schema,
-        "Output": info.output.json_type(),
+        input_key: input_schema,
+        output_key: info.output.json_type(),
         **enums,
-        "PredictionRequest": {
-            "title": "PredictionRequest",
-            "type": "object",
-            "properties": {"id": {"title": "Id", **string}, "input": {"$ref": "#/components/schemas/Input"}},
-        },
-        "PredictionResponse": {
-            "title": "PredictionResponse",
+        request: {
+            "title": request,
             "type": "object",
             "properties": {
-                "input": {"$ref": "#/components/schemas/Input"},
-                "output": {"$ref": "#/components/schemas/Output"},
+                "id": {"title": "Id", **string},
+                "input": {"$ref": f"#/components/schemas/{input_key}"},
+            },
+        },
+        response: {
+            "title": response,
+            "type": "object",
+            "properties": {
+                "input": {"$ref": f"#/components/schemas/{input_key}"},
+                "output": {"$ref": f"#/components/schemas/{output_key}"},
                 "id": {"title": "Id", **string},
                 "version": {"title": "Version", **string},
                 "created_at": {"title": "Created At", **timestamp},
@@ -204,38 +239,34 @@ def build_schema(info: _adt.PredictorInfo, version: str = cog.__version__) -> di
                 "responses": {"200": _OK},
             }
         },
-        "/predictions": {
+        endpoint: {
             "post": {
-                "summary": "Predict",
-                "description": "Run a single prediction on the model",
-                "operationId": "predict_predictions_post",
+                "summary": summary,
+                "description": f"Run a single {noun} on the model",
+                "operationId": operation,
                 "requestBody": {
-                    "content": {
-                        "application/json": {"schema": {"$ref": "#/components/schemas/PredictionRequest"}}
-                    }
+                    "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{request}"}}}
                 },
                 "responses": {
                     "200": {
                         "description": "Successful Response",
                         "content": {
-                            "application/json": {
-                                "schema": {"$ref": "#/components/schemas/PredictionResponse"}
-                            }
+                            "application/json": {"schema": {"$ref": f"#/components/schemas/{response}"}}
                         },
                     },
                     "422": _VALIDATION_ERROR,
                 },
             }
         },
-        "/predictions/{prediction_id}/cancel": {
+        f"{endpoint}/{{{id_name}}}/cancel": {
             "post": {
                 "summary": "Cancel",
-                "operationId": "cancel_predictions__prediction_id__cancel_post",
+                "operationId": cancel,
                 "parameters": [
                     {
                         "required": True,
-                        "schema": {"title": "Prediction Id", "type": "string"},
-                        "name": "prediction_id",
+                        "schema": {"title": _title(id_name), "type": "string"},
+                        "name": id_name,
                         "in": "path",
                     }
                 ],
@@ -251,11 +282,35 @@ def build_schema(info: _adt.PredictorInfo, version: str = cog.__version__) -> di
     }
 
 
+def train_ref(root: Path = PROJECT_ROOT) -> str | None:
+    """cog.yaml's `train:` reference ("train.py:train"), or None."""
+    try:
+        config = yaml.safe_load((root / "cog.yaml").read_text()) or {}
+    except OSError:
+        return None
+    return config.get("train")
+
+
+def combined_schema(
+    ref: str = DEFAULT_REF, trainer: str | None = None, root: Path = PROJECT_ROOT
+) -> dict[str, Any]:
+    """The predictor's schema, with the trainer's paths and components added when there is one:
+    what `cog build` writes for a model with both (pkg/schema/generator.go's MergeSchemas)."""
+    schema = build_schema(load_predictor_info(ref, root))
+    if trainer:
+        training = build_schema(load_predictor_info(trainer, root), mode="train")
+        for key in ("paths",):
+            schema[key] = {**training[key], **schema[key]}
+        components = schema["components"]["schemas"]
+        schema["components"]["schemas"] = {**training["components"]["schemas"], **components}
+    return schema
+
+
 def write_schema(
     output: Path = DEFAULT_OUTPUT, ref: str = DEFAULT_REF, root: Path = PROJECT_ROOT
 ) -> dict[str, Any]:
-    """Generate the schema for `ref` and write it to `output`; returns the document."""
-    schema = build_schema(load_predictor_info(ref, root))
+    """Generate the schema for `ref` (and cog.yaml's trainer) and write it to `output`; returns it."""
+    schema = combined_schema(ref, train_ref(root), root)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(schema, indent=2) + "\n", encoding="utf-8")
     return schema
@@ -272,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true", help="exit 1 if the file on disk is not up to date")
     args = parser.parse_args(argv)
     if args.check:
-        fresh = build_schema(load_predictor_info(args.ref))
+        fresh = combined_schema(args.ref, train_ref())
         current = json.loads(args.output.read_text(encoding="utf-8")) if args.output.is_file() else None
         if current != fresh:
             print(f"{args.output} is out of date with {args.ref}; run without --check", file=sys.stderr)

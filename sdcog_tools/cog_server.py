@@ -72,6 +72,11 @@ class CogServer:
             status = self.health()["status"]
         return status
 
+    def train(self, inputs: Mapping[str, object], timeout: float = 3600, **extra: object) -> httpx.Response:
+        """A synchronous training: POST /trainings (a server started with `train=True`)."""
+        self.settled_status()
+        return httpx.post(f"{self.url}/trainings", json={"input": dict(inputs), **extra}, timeout=timeout)
+
     def predict(self, inputs: Mapping[str, object], timeout: float = 600, **extra: object) -> httpx.Response:
         """A synchronous prediction: POST /predictions and wait for the answer.
 
@@ -126,8 +131,11 @@ def running_server(
     predictor_ref: str = "predict.py:Predictor",
     env: Mapping[str, str] | None = None,
     timeout: float = 300,
+    train: bool = False,
 ) -> Iterator[CogServer]:
-    """Run the server from `cwd` on a free loopback port until the block ends; yields once READY."""
+    """Run the server from `cwd` on a free loopback port until the block ends; yields once READY.
+    With `train`, in training mode (`--x-mode train`, serving /trainings) for `predictor_ref`'s
+    training function, as the image runs `cog train`."""
     port = free_port()
     environment = {
         **os.environ,
@@ -135,13 +143,20 @@ def running_server(
         "COG_MAX_CONCURRENCY": str(max_concurrency(Path(cwd) / "cog.yaml")),
         **(env or {}),
         "PORT": str(port),
-        "COG_PREDICT_TYPE_STUB": predictor_ref,
+        ("COG_TRAIN_TYPE_STUB" if train else "COG_PREDICT_TYPE_STUB"): predictor_ref,
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
         "PYTHONUNBUFFERED": "1",
     }
     with tempfile.NamedTemporaryFile("wb", prefix="cog-server-", suffix=".log", delete=False) as log_file:
         process = subprocess.Popen(
-            [sys.executable, "-m", "cog.server.http", "--host", "127.0.0.1"],
+            [
+                sys.executable,
+                "-m",
+                "cog.server.http",
+                "--host",
+                "127.0.0.1",
+                *(["--x-mode", "train"] if train else []),
+            ],
             cwd=cwd,
             env=environment,
             stdout=log_file,

@@ -30,6 +30,12 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "black": (20, 20, 20),
 }
 SHAPES = ("circle", "square", "triangle")
+NEW_SHAPE = "bar"
+"""A shape the bundled model never saw: what the fine-tuning oracle teaches it (under a trigger word).
+A bar three times as wide as it is tall (every other shape fills a square box): at 64 px its
+outline survives the VAE, where the arms of a cross come back as a rounded blob."""
+BAR_ASPECT = 2.0
+"""A region at least this many times wider than tall is a bar."""
 
 
 @dataclass(frozen=True)
@@ -72,6 +78,9 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int,
         draw.ellipse(box, fill=fill)
     elif shape == "square":
         draw.rectangle(box, fill=fill)
+    elif shape == NEW_SHAPE:  # the middle third of the box, across its width
+        third = (bottom - top) / 3
+        draw.rectangle((left, top + third, right, bottom - third), fill=fill)
     else:
         draw.polygon([((left + right) / 2, top), (right, bottom), (left, bottom)], fill=fill)
 
@@ -117,12 +126,14 @@ def _largest_region(mask: np.ndarray) -> np.ndarray:
     return labels == 1 + int(np.argmax(sizes))
 
 
-def _closest_shape(region: np.ndarray) -> str:
+def _closest_shape(region: np.ndarray, shapes: tuple[str, ...] = SHAPES) -> str:
     """The shape whose outline, drawn into the region's bounding box, overlaps it best (by IoU)."""
     rows, columns = np.nonzero(region)
     box = (int(columns.min()), int(rows.min()), int(columns.max()), int(rows.max()))
+    if NEW_SHAPE in shapes and (box[2] - box[0] + 1) >= BAR_ASPECT * (box[3] - box[1] + 1):
+        return NEW_SHAPE
     overlaps = {}
-    for shape in SHAPES:
+    for shape in shapes:
         template = Image.new("1", (region.shape[1], region.shape[0]), 0)
         _draw_shape(ImageDraw.Draw(template), shape, box, 1)
         drawn = np.asarray(template)
@@ -130,10 +141,11 @@ def _closest_shape(region: np.ndarray) -> str:
     return max(overlaps, key=overlaps.get)
 
 
-def judge(image: Image.Image, min_share: float = 0.03) -> Judgement:
+def judge(image: Image.Image, min_share: float = 0.03, shapes: tuple[str, ...] = SHAPES) -> Judgement:
     """Background, object colour and object shape of a generated image, by fixed rules: the
     object is the largest connected region that differs from the background; its colour is its
-    median pixel's nearest palette colour; its shape, the template that fits its outline best."""
+    median pixel's nearest palette colour; its shape, the template of `shapes` that fits its
+    outline best (add NEW_SHAPE to recognise it)."""
     pixels = np.asarray(image.convert("RGB"), dtype=np.float32)
     background_rgb, foreground = background_and_foreground(image)
     region = _largest_region(foreground)
@@ -142,4 +154,4 @@ def judge(image: Image.Image, min_share: float = 0.03) -> Judgement:
     if share < min_share:
         return Judgement(None, None, background, share)
     colour = _nearest_colour(np.median(pixels[region], axis=0))
-    return Judgement(colour, _closest_shape(region), background, share)
+    return Judgement(colour, _closest_shape(region, shapes), background, share)

@@ -90,9 +90,7 @@ def test_requests_with_different_loras_never_share_a_batch(front, tiny_sd15, tmp
     requests = [{**FAST, "seed": index, "lora_weights": lora} for index, lora in enumerate(loras)]
     requests += [{**FAST, "seed": 10 + index} for index in range(3)]  # no LoRA: these may batch
     with ThreadPoolExecutor(len(requests)) as pool:
-        bodies = [
-            response.json() for response in pool.map(lambda inputs: post(front, inputs), requests)
-        ]
+        bodies = [response.json() for response in pool.map(lambda inputs: post(front, inputs), requests)]
     assert [body["status"] for body in bodies] == ["succeeded"] * len(requests), [
         body.get("error") for body in bodies
     ]

@@ -56,9 +56,10 @@ def progress_steps(logs):
     return [(int(done), int(total)) for _, done, total in TQDM_LINE.findall(logs or "")]
 
 
-def start_async(server, prediction_id, inputs, webhook_url):
+def start_async(server, prediction_id, inputs, webhook_url, endpoint="predictions"):
+    """Start a prediction (or, with endpoint="trainings", a training) that answers by webhook."""
     response = httpx.post(
-        f"{server.url}/predictions",
+        f"{server.url}/{endpoint}",
         json={
             "id": prediction_id,
             "input": inputs,

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import bz2
 import gzip
+import json
 import lzma
+import re
 import tarfile
 import zlib
 from collections.abc import Iterator
@@ -22,7 +24,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from sdcog.errors import InputError
-from sdcog.fetch.adapter_references import AdapterKind, AdapterReference
+from sdcog.fetch.adapter_references import EMBEDDING, AdapterKind, AdapterReference
 from sdcog.pinned_internals import relies_on_internals
 
 MAX_ADAPTER_MB_ENV = "SDCOG_MAX_ADAPTER_MB"
@@ -34,6 +36,11 @@ _MAX_EXTENSION_CHAIN = 8
 """The most such headers in a row before a member (tarfile reads each chain recursively)."""
 _CHUNK = 1 << 20
 _SUFFIX = ".safetensors"
+SPECIAL_PARAMS = "special_params.json"
+"""Replicate's trainers' map from the trigger word to the tokens it stands for: {"TOK": "<s0><s1>"}."""
+DEFAULT_TRIGGER_WORD = "TOK"
+_MAX_SPECIAL_PARAMS = 64 * 1024
+_TOKENS = re.compile(r"(<s\d+>)+")
 
 
 def too_large(field: str, reference: AdapterReference, what: str, limit: int) -> InputError:
@@ -224,3 +231,36 @@ def _copy_member(
             if written > room:  # tarfile reads no more than the header's size: a second guard
                 raise too_large(kind.field, reference, what, limit)
             sink.write(chunk)
+
+
+def trained_embeddings_from_tar(
+    kind: AdapterKind, reference: AdapterReference, archive: Path, out: Path, limit: int
+) -> str | None:
+    """A trained LoRA's companion: the trigger word's embeddings (`embeddings.pti`), copied to `out`
+    when the tar holds them, and the word they stand for (from `special_params.json`: the key whose
+    value is new tokens, `<s0><s1>`; else TOK, Replicate's default). None: the tar has none."""
+    word, found = None, False
+    with _tar_members(archive, kind.field, reference, limit) as (tar, members):
+        for member in members:
+            name = Path(member.name).name
+            if not member.isfile():
+                continue
+            if name == EMBEDDING.tar_member and not found:
+                _copy_member(kind, reference, tar, member, archive, out, limit)
+                found = True
+            elif name == SPECIAL_PARAMS and member.size <= _MAX_SPECIAL_PARAMS:
+                word = _trigger_word(tar.extractfile(member).read())
+    if not found:
+        return None
+    return word or DEFAULT_TRIGGER_WORD
+
+
+def _trigger_word(data: bytes) -> str | None:
+    try:
+        params = json.loads(data)
+    except ValueError:
+        return None
+    if not isinstance(params, dict):
+        return None
+    words = [key for key, value in params.items() if isinstance(value, str) and _TOKENS.fullmatch(value)]
+    return words[0] if len(words) == 1 and isinstance(words[0], str) else None

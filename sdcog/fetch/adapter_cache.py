@@ -8,10 +8,13 @@ limit, the least recently used are deleted (never one the current request uses).
 Only safetensors files are kept: anything else (a pickled `.ckpt`/`.bin`, an HTML error page) is
 refused before it is stored, so nothing but tensors is ever loaded. A Replicate model's weights
 arrive as a tar, from which `sdcog.fetch.adapter_archives` copies out its LoRA (`lora.safetensors`)
-or its embeddings (`embeddings.pti`, safetensors too). Everything a reference writes to disk, its
-download and the member copied out of it together, is at most the limit; a failed fetch leaves
-nothing behind, and a stored file that then fails to load (not a LoRA, another model family) is
-forgotten: see `AdapterFile.reject`.
+or its embeddings (`embeddings.pti`, safetensors too). A trained LoRA's tar (this model's `cog train`,
+or Replicate's trainers) may hold the trigger word's embeddings beside its LoRA: given as a LoRA,
+those come with it, under the word its `special_params.json` names (`FetchedAdapters.embeddings`),
+so that `a photo of TOK` draws the trained subject with no other input. Everything a reference
+writes to disk, its download and the member copied out of it together, is at most the limit; a
+failed fetch leaves nothing behind, and a stored file that then fails to load (not a LoRA, another
+model family) is forgotten: see `AdapterFile.reject`.
 
 Operator settings:
 - `SDCOG_ADAPTER_CACHE`: the directory (default `~/.cache/sdcog/adapters`);
@@ -37,7 +40,12 @@ from pathlib import Path
 from typing import NamedTuple
 
 from sdcog.errors import InputError
-from sdcog.fetch.adapter_archives import MAX_ADAPTER_MB_ENV, is_tar, safetensors_from_tar
+from sdcog.fetch.adapter_archives import (
+    MAX_ADAPTER_MB_ENV,
+    is_tar,
+    safetensors_from_tar,
+    trained_embeddings_from_tar,
+)
 from sdcog.fetch.adapter_references import EMBEDDING, LORA, AdapterKind, AdapterReference, resolve_download
 from sdcog.fetch.input_files import decode_data_uri, fetch_url_to
 from sdcog.model.safetensors_files import NotSafetensors, read_header, sha256_of
@@ -50,6 +58,7 @@ CACHE_GB_ENV = "SDCOG_ADAPTER_CACHE_GB"
 DEFAULT_CACHE_GB = 20
 DEFAULT_MAX_ADAPTER_MB = 2000
 INDEX_FILE = "references.json"
+COMPANIONS_FILE = "trained-embeddings.json"
 TOKEN_ENVS = {"huggingface": "HF_TOKEN", "replicate": "REPLICATE_API_TOKEN"}
 _SUFFIX = ".safetensors"
 
@@ -72,6 +81,8 @@ class AdapterFile:
     """The reference's short name (for logs and metadata)."""
     stored_by: AdapterCache | None = dataclasses.field(default=None, compare=False, repr=False)
     """The cache whose fetch for this request stored the file (None: it was on disk before)."""
+    trained_embeddings: tuple[str, str] | None = dataclasses.field(default=None, compare=False)
+    """A trained LoRA's tar's embeddings that came with it: (their sha256, their word)."""
 
     def reject(self) -> None:
         """The file failed to load (not a LoRA or an embedding for this model): the cache forgets it
@@ -115,10 +126,9 @@ class AdapterCache:
         self._in_use: Counter[str] = Counter()
         """Hashes of files fetched for requests not done yet (see `release`): never evicted."""
         self.root.mkdir(parents=True, exist_ok=True)
-        try:
-            self._index: dict[str, str] = json.loads((self.root / INDEX_FILE).read_text())
-        except (OSError, ValueError):
-            self._index = {}
+        self._index: dict[str, str] = _read_json(self.root / INDEX_FILE)
+        self._companions: dict[str, list[str]] = _read_json(self.root / COMPANIONS_FILE)
+        """By index key: [the embeddings' sha256, their word], for a trained LoRA's tar."""
 
     @classmethod
     def from_environment(cls, environ: Mapping[str, str] = os.environ) -> AdapterCache:
@@ -136,9 +146,10 @@ class AdapterCache:
         evicted by other requests' fetches until `release` (requests wait in a queue between)."""
         with self._lock:
             loras = self.fetch_loras(request.loras, tokens)
-            embeddings = self.fetch_embeddings(
-                request.embeddings, tokens, keep=frozenset(lora.file.sha256 for lora in loras)
-            )
+            trained = [self._companion(lora.file) for lora in loras]
+            embeddings = [embedding for embedding in trained if embedding is not None]
+            keep = frozenset(lora.file.sha256 for lora in loras) | {e.file.sha256 for e in embeddings}
+            embeddings += self.fetch_embeddings(request.embeddings, tokens, keep=keep)
             adapters = FetchedAdapters(loras=tuple(loras), embeddings=tuple(embeddings))
             with self._in_use_lock:
                 self._in_use.update(adapters.sha256s)
@@ -154,8 +165,13 @@ class AdapterCache:
         self, loras: Sequence[LoraRequest], tokens: Mapping[str, str] | None = None
     ) -> list[FetchedLora]:
         """Each LoRA's file (fetched or from the disk) with its scale."""
-        files = self.fetch_all(LORA, [lora.reference for lora in loras], tokens)
-        return [FetchedLora(file, lora.scale) for file, lora in zip(files, loras, strict=True)]
+        fetched: list[FetchedLora] = []
+        for lora in loras:  # each with the input that named it, for its errors
+            kind = LORA if lora.field == LORA.field else dataclasses.replace(LORA, field=lora.field)
+            keep = frozenset(done.file.sha256 for done in fetched)
+            (file,) = self.fetch_all(kind, [lora.reference], tokens, keep)
+            fetched.append(FetchedLora(file, lora.scale))
+        return fetched
 
     def fetch_embeddings(
         self,
@@ -196,13 +212,19 @@ class AdapterCache:
         """The reference's file, from the disk when it was fetched before; `keep`: hashes not to evict."""
         key = f"{kind.field}|{_index_key(reference)}"  # the file taken from a tar or repo depends on the kind
         sha256 = self._index.get(key)
-        if sha256 and self.path_for(sha256).is_file():
-            os.utime(self.path_for(sha256))  # most recently used
-            return AdapterFile(self.path_for(sha256), sha256, reference.name)
+        if sha256 and self._on_disk(key):
+            for path in (self.path_for(sha256), *self._companion_paths(key)):
+                os.utime(path)  # most recently used
+            return AdapterFile(self.path_for(sha256), sha256, reference.name, None, self._companion_of(key))
         started = time.perf_counter()
-        sha256, size, stored = self._download(kind, reference, token)
+        sha256, size, stored, companion = self._download(kind, reference, token)
         self.downloads += 1
         self._index[key] = sha256
+        if companion is None:
+            self._companions.pop(key, None)
+        else:
+            self._companions[key] = companion
+            keep = keep | {companion[0]}
         log.info(
             "%s: fetched %s (%.1f MB, sha256 %s) in %.1f s",
             kind.field,
@@ -212,19 +234,50 @@ class AdapterCache:
             time.perf_counter() - started,
         )
         self._evict(keep | {sha256})  # also writes the index, with this reference in it
-        return AdapterFile(self.path_for(sha256), sha256, reference.name, self if stored else None)
+        stored_by = self if stored else None
+        return AdapterFile(self.path_for(sha256), sha256, reference.name, stored_by, self._companion_of(key))
+
+    def _on_disk(self, key: str) -> bool:
+        """The reference's file is stored, and so are the trained embeddings that came with it."""
+        sha256 = self._index.get(key)
+        paths = [self.path_for(sha256), *self._companion_paths(key)] if sha256 else []
+        return bool(paths) and all(path.is_file() for path in paths)
+
+    def _companion_of(self, key: str) -> tuple[str, str] | None:
+        companion = self._companions.get(key)
+        return (companion[0], companion[1]) if companion else None
+
+    def _companion_paths(self, key: str) -> list[Path]:
+        companion = self._companions.get(key)
+        return [self.path_for(companion[0])] if companion else []
+
+    def _companion(self, lora: AdapterFile) -> FetchedEmbedding | None:
+        """The trigger word's embeddings that came in the LoRA's tar, under their word."""
+        if lora.trained_embeddings is None:
+            return None
+        sha256, word = lora.trained_embeddings
+        file = AdapterFile(self.path_for(sha256), sha256, f"{lora.name} ({word})", lora.stored_by)
+        return FetchedEmbedding(file, word)
 
     def forget(self, sha256: str) -> None:
         """Remove the file with this hash and every reference to it from the index."""
         self.path_for(sha256).unlink(missing_ok=True)
         self._index = {key: sha for key, sha in self._index.items() if sha != sha256}
+        self._forget_companions()
         self._write_index()
         log.info("adapter cache: removed %s, which failed to load", self.path_for(sha256).name)
 
+    def _forget_companions(self) -> None:
+        """Drop the trained embeddings of references no longer indexed, and references whose
+        trained embeddings are gone (fetched again next time)."""
+        self._index = {key: sha for key, sha in self._index.items() if self._on_disk(key)}
+        self._companions = {key: item for key, item in self._companions.items() if key in self._index}
+
     def _download(
         self, kind: AdapterKind, reference: AdapterReference, token: str | None
-    ) -> tuple[str, int, bool]:
-        """The file's hash and size, and whether it is new on disk (False: the same bytes were there)."""
+    ) -> tuple[str, int, bool, list[str] | None]:
+        """The file's hash and size, whether it is new on disk (False: the same bytes were there),
+        and a trained LoRA's tar's embeddings stored beside it ([sha256, word]), if any."""
         field, limit = kind.field, self.max_file_bytes
         with tempfile.TemporaryDirectory(dir=self.root, prefix="incoming-") as incoming:
             body = Path(incoming) / "body"
@@ -235,14 +288,29 @@ class AdapterCache:
                     url = resolve_download(kind, reference, token)
                     headers = {"Authorization": f"Bearer {token}"} if token else None
                     fetch_url_to(sink, field, url, limit, headers=headers, setting=MAX_ADAPTER_MB_ENV)
+            companion = None
             if is_tar(body):
-                body = safetensors_from_tar(kind, reference, body, Path(incoming) / "member", limit)
+                archive = body
+                body = safetensors_from_tar(kind, reference, archive, Path(incoming) / "member", limit)
+                if kind.tar_member == LORA.tar_member:
+                    companion = self._trained_embeddings(reference, archive, Path(incoming) / "embeddings")
             _check_safetensors(field, reference, body)
             sha256 = sha256_of(body)
             size = body.stat().st_size
             stored = not self.path_for(sha256).exists()
             os.replace(body, self.path_for(sha256))
-        return sha256, size, stored
+        return sha256, size, stored, companion
+
+    def _trained_embeddings(self, reference: AdapterReference, archive: Path, out: Path) -> list[str] | None:
+        """A trained LoRA's tar's embeddings, stored beside it: [their sha256, their word], or None."""
+        word = trained_embeddings_from_tar(LORA, reference, archive, out, self.max_file_bytes)
+        if word is None:
+            return None
+        _check_safetensors(LORA.field, reference, out)
+        sha256 = sha256_of(out)
+        os.replace(out, self.path_for(sha256))
+        log.info("%s: %s holds the embeddings of its trigger word %s", LORA.field, reference.name, word)
+        return [sha256, word]
 
     def _evict(self, keep: frozenset[str]) -> None:
         with self._in_use_lock:
@@ -257,13 +325,22 @@ class AdapterCache:
             total -= path.stat().st_size
             path.unlink(missing_ok=True)
             log.info("adapter cache: removed %s, the least recently used, to stay under the limit", path.name)
-        self._index = {key: sha for key, sha in self._index.items() if self.path_for(sha).is_file()}
+        self._forget_companions()
         self._write_index()
 
     def _write_index(self) -> None:
-        partial = self.root / f"{INDEX_FILE}.partial"
-        partial.write_text(json.dumps(self._index, indent=1, sort_keys=True))
-        os.replace(partial, self.root / INDEX_FILE)
+        for name, content in ((INDEX_FILE, self._index), (COMPANIONS_FILE, self._companions)):
+            partial = self.root / f"{name}.partial"
+            partial.write_text(json.dumps(content, indent=1, sort_keys=True))
+            os.replace(partial, self.root / name)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        content = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return content if isinstance(content, dict) else {}
 
 
 def _index_key(reference: AdapterReference) -> str:

@@ -5,7 +5,8 @@ stands for: `easynegative` in a negative prompt, `<cat-toy>` in a prompt. The fi
 - AUTOMATIC1111's and Civitai's: one tensor `emb_params` (or `string_to_param.*`), n x 768 for
   SD 1.x, n x 1024 for SD 2.x; for SDXL `clip_l` (n x 768) and `clip_g` (n x 1280);
 - diffusers' `learned_embeds.safetensors`: one tensor keyed by its own token;
-- Replicate's SDXL trainers' `embeddings.pti`: `text_encoders_0` and `text_encoders_1`.
+- Replicate's SDXL trainers' `embeddings.pti`: `text_encoders_0` and `text_encoders_1` (this
+  model's trainer writes `text_encoders_0` alone for SD 1.x and 2.x).
 
 The word is the one the request gives (`token=reference`), else the file's own token (diffusers'
 format), else the file's name, as in AUTOMATIC1111. It is matched in prompts as a whole word,
@@ -51,7 +52,7 @@ MAX_VECTORS = 75
 SLOTS = 300
 """Slot tokens, so vectors, that one request's embeddings may have together: 4 of 75 vectors, or
 8 of the usual sizes (AUTOMATIC1111's negative embeddings have 2 to 16 vectors)."""
-_SINGLE_TENSOR_KEYS = ("emb_params", "string_to_param.*")
+_SINGLE_TENSOR_KEYS = ("emb_params", "string_to_param.*", "text_encoders_0")
 _XL_KEYS = (("clip_l", "clip_g"), ("text_encoders_0", "text_encoders_1"))
 _FAMILY_BY_WIDTH = {768: "SD 1.x", 1024: "SD 2.x"}
 

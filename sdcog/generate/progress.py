@@ -59,11 +59,12 @@ class StepProgress:
         self._started = clock()
         self._last_logged: float | None = None
 
-    def step(self) -> None:
-        """Record one finished step; log a line if it is the first, the last, or `interval` has passed."""
+    def step(self, note: str = "") -> None:
+        """Record one finished step; log a line if it is the first, the last, or `interval` has
+        passed (`note` after it: the clients' pattern reads the line's start only)."""
         self.done += 1
         now = self._clock()
         due = self._last_logged is None or now - self._last_logged >= self.interval
         if due or self.done >= self.total:
             self._last_logged = now
-            self._emit(format_progress(self.done, self.total, now - self._started))
+            self._emit(format_progress(self.done, self.total, now - self._started) + note)

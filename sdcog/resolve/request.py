@@ -69,6 +69,8 @@ class ModelLimits:
 class LoraRequest:
     reference: AdapterReference
     scale: float = DEFAULT_LORA_SCALE
+    field: str = "lora_weights"
+    """The input that named it: lora_weights, or replicate_weights (a trained version's own LoRA)."""
 
 
 @dataclass(frozen=True)
@@ -209,6 +211,7 @@ def resolve_request(
     lora_weights: str | None = None,
     lora_scales: str | None = None,
     embeddings: str | None = None,
+    replicate_weights: str | None = None,
 ) -> GenerationRequest:
     """Check every input and fill every default; raises InputError on the first broken rule.
 
@@ -280,7 +283,7 @@ def resolve_request(
         prompt_strength=float(prompt_strength),
         outpaint=outpaint,
         disable_safety_checker=disable_safety_checker,
-        loras=_resolve_loras(lora_weights, lora_scales),
+        loras=_replicate_weights(replicate_weights) + _resolve_loras(lora_weights, lora_scales),
         embeddings=_resolve_embeddings(embeddings),
     )
 
@@ -306,6 +309,18 @@ def _resolve_embeddings(embeddings: str | None) -> tuple[EmbeddingRequest, ...]:
     if duplicated := sorted({token for token in tokens if tokens.count(token) > 1}):
         raise InputError("embeddings", f"gives the token {duplicated[0]!r} to two embeddings")
     return tuple(resolved)
+
+
+def _replicate_weights(replicate_weights: str | None) -> tuple[LoraRequest, ...]:
+    """What Replicate's platform passes when a version made by `cog train` runs: its trained tar,
+    applied first at scale 1, before the request's own lora_weights."""
+    if replicate_weights is None:
+        return ()
+    _require_type("replicate_weights", replicate_weights, (str,), "a string")
+    if not replicate_weights.strip():
+        return ()
+    reference = parse_reference("replicate_weights", replicate_weights)
+    return (LoraRequest(reference, DEFAULT_LORA_SCALE, "replicate_weights"),)
 
 
 def _resolve_loras(lora_weights: str | None, lora_scales: str | None) -> tuple[LoraRequest, ...]:

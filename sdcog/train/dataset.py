@@ -33,7 +33,7 @@ from pathlib import Path
 from PIL import Image
 
 from sdcog.errors import InputError
-from sdcog.fetch.adapter_archives import CheckedTarInfo, decompressed, is_tar
+from sdcog.fetch.adapter_archives import DEFAULT_TRIGGER_WORD, CheckedTarInfo, decompressed, is_tar
 from sdcog.fetch.images import open_image
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,6 @@ MIN_SIDE = 64
 """Images with a shorter side are refused: too small to learn anything from."""
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 CAPTION_CSV = "caption.csv"
-DEFAULT_TRIGGER_WORD = "TOK"
 DEFAULT_CAPTION_PREFIX = "a photo of "
 _SKIPPED = ("__MACOSX/", ".DS_Store")
 

@@ -7,6 +7,14 @@ velocity, for v-prediction models) the scheduler's training objective names, at 
 uniformly. Every random draw (latent samples, batches, noise, timesteps, the adapters' start)
 comes from one generator seeded with `seed`, so the same inputs give the same LoRA on the CPU.
 SDXL's UNet gets its pooled text embeddings and size conditioning, as in its pipeline.
+
+Pivotal tuning (`pivotal_tokens` > 0), as in Replicate's SDXL trainer: the trigger word in the
+captions stands for that many new tokens, whose input embeddings (one set per text encoder) are
+trained alongside the LoRA at `ti_learning_rate`, starting from random vectors of the size of the
+existing ones. Only their rows change (the other rows get no gradient and no weight decay); the
+captions are then encoded at every step, through the text encoders, instead of once. The new
+tokens are the embedding slots the engine uses at inference (`TextualInversions`), so training
+adds nothing to the pipeline that it keeps: the slots are zeros again when it returns.
 """
 
 from __future__ import annotations
@@ -23,7 +31,8 @@ from diffusers import DDPMScheduler, DiffusionPipeline
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 
-from sdcog.train.dataset import TrainingImage
+from sdcog.generate.embeddings import ActiveEmbeddings, AppliedEmbedding, TextualInversions
+from sdcog.train.dataset import DEFAULT_TRIGGER_WORD, TrainingImage
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +47,10 @@ class LoraSettings:
     lora_rank: int = 16
     train_batch_size: int = 1
     seed: int = 0
+    pivotal_tokens: int = 0
+    """New tokens the trigger word stands for, trained as textual inversion; 0: none."""
+    ti_learning_rate: float = 3e-4
+    trigger_word: str = DEFAULT_TRIGGER_WORD
 
 
 @dataclass
@@ -47,6 +60,8 @@ class TrainedLora:
     losses: list[float] = field(default_factory=list)
     """The loss of each step, in order."""
     seconds: float = 0.0
+    embeddings: tuple[torch.Tensor, ...] = ()
+    """With pivotal tuning: the trigger word's vectors, `pivotal_tokens` x width, one per text encoder."""
 
 
 def train_lora(
@@ -62,11 +77,14 @@ def train_lora(
     unet, device = pipeline.unet, pipeline.device
     dtype = unet.dtype
     latents = _latents(pipeline, images, generator)
-    conditions = _conditions(pipeline, [image.caption for image in images], images[0].image.size)
-    noise_scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
+    size = images[0].image.size
     for module in pipeline.components.values():
         if isinstance(module, torch.nn.Module):
             module.requires_grad_(False)
+    pivotal = _PivotalTokens(pipeline, settings, generator) if settings.pivotal_tokens else None
+    captions = [image.caption if pivotal is None else pivotal.expand(image.caption) for image in images]
+    fixed = None if pivotal else _conditions(pipeline, captions, size)
+    noise_scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
     torch.manual_seed(settings.seed)  # peft draws the adapters' start from torch's global generator
     unet.add_adapter(
         LoraConfig(
@@ -80,7 +98,10 @@ def train_lora(
     trainable = [parameter for parameter in unet.parameters() if parameter.requires_grad]
     for parameter in trainable:
         parameter.data = parameter.data.float()  # adapters train in float32 under a half UNet
-    optimizer = torch.optim.AdamW(trainable, lr=settings.learning_rate)
+    groups = [{"params": trainable, "lr": settings.learning_rate}]
+    if pivotal is not None:
+        groups += pivotal.parameter_groups()
+    optimizer = _optimizer(groups, device)
     losses = []
     unet.train()
     try:
@@ -96,7 +117,12 @@ def train_lora(
                 target = noise_scheduler.get_velocity(clean, noise, timesteps)
             else:
                 target = noise
-            predicted = unet(noisy, timesteps, **conditions.for_batch(batch, device, dtype)).sample
+            if fixed is not None:
+                condition = fixed.for_batch(batch, device, dtype)
+            else:
+                encoded = _conditions(pipeline, [captions[index] for index in batch], size, grad=True)
+                condition = encoded.for_batch(torch.arange(len(batch)), device, dtype)
+            predicted = unet(noisy, timesteps, **condition).sample
             loss = torch.nn.functional.mse_loss(predicted.float(), target.float())
             if not math.isfinite(loss.item()):
                 raise FloatingPointError(f"the loss is {loss.item()} at step {step}: lower learning_rate")
@@ -107,9 +133,12 @@ def train_lora(
             if on_step is not None:
                 on_step(step, loss.item())
         layers = {name: tensor.detach().cpu().clone() for name, tensor in _adapter_state(unet).items()}
+        embeddings = () if pivotal is None else pivotal.vectors()
     finally:
         unet.eval()
         unet.delete_adapters(ADAPTER_NAME)
+        if pivotal is not None:
+            pivotal.restore()
     seconds = time.perf_counter() - started
     log.info(
         "trained a rank-%d LoRA for %d steps in %.1f s; loss %.4f -> %.4f",
@@ -119,7 +148,77 @@ def train_lora(
         np.mean(losses[: max(1, len(losses) // 10)]),
         np.mean(losses[-max(1, len(losses) // 10) :]),
     )
-    return TrainedLora(unet_layers=layers, losses=losses, seconds=seconds)
+    return TrainedLora(unet_layers=layers, losses=losses, seconds=seconds, embeddings=embeddings)
+
+
+def _optimizer(groups: list[dict], device: torch.device) -> torch.optim.Optimizer:
+    """AdamW; on a GPU bitsandbytes' 8-bit AdamW when it is installed (a quarter of the optimizer's
+    memory), as diffusers' trainers offer. The embeddings' group has no weight decay: rows without
+    gradient must not move."""
+    if device.type == "cuda":
+        try:
+            import bitsandbytes
+
+            return bitsandbytes.optim.AdamW8bit(groups)
+        except ImportError:
+            pass
+    return torch.optim.AdamW(groups)
+
+
+class _PivotalTokens:
+    """The trigger word's new tokens in the text encoders, trained as textual inversion."""
+
+    def __init__(self, pipeline: DiffusionPipeline, settings: LoraSettings, generator: torch.Generator):
+        self.count = settings.pivotal_tokens
+        self.learning_rate = settings.ti_learning_rate
+        self.slots = TextualInversions(pipeline, slots=self.count)
+        tokens = " ".join(self.slots.slots)
+        placeholder = AppliedEmbedding(settings.trigger_word, "", self.count)
+        self.active = ActiveEmbeddings({settings.trigger_word.lower(): (placeholder, tokens)})
+        self.encoders = [encoder for _, encoder in self.slots.encoders]
+        self._dtypes = [encoder.dtype for encoder in self.encoders]
+        for encoder in self.encoders:
+            encoder.float()  # the vectors train in float32, as the adapters do
+        self.weights = [encoder.get_input_embeddings().weight for encoder in self.encoders]
+        self.rows = [
+            torch.tensor(ids, device=weight.device)
+            for ids, weight in zip(self.slots.slot_ids, self.weights, strict=True)
+        ]
+        self._hooks = []
+        for weight, rows in zip(self.weights, self.rows, strict=True):
+            with torch.no_grad():
+                scale = weight.std().item()
+                start = torch.randn((self.count, weight.shape[1]), generator=generator) * scale
+                weight[rows] = start.to(weight.device)
+            weight.requires_grad_(True)
+            mask = torch.zeros((weight.shape[0], 1), device=weight.device)
+            mask[rows] = 1
+            self._hooks.append(weight.register_hook(lambda grad, mask=mask: grad * mask))
+
+    def expand(self, caption: str) -> str:
+        """The caption with the trigger word replaced by the new tokens (a caption without it gets
+        none: it trains the LoRA only)."""
+        return self.active.expand(caption)
+
+    def parameter_groups(self) -> list[dict]:
+        return [{"params": self.weights, "lr": self.learning_rate, "weight_decay": 0.0}]
+
+    def vectors(self) -> tuple[torch.Tensor, ...]:
+        return tuple(
+            weight[rows].detach().cpu().float().clone()
+            for weight, rows in zip(self.weights, self.rows, strict=True)
+        )
+
+    def restore(self) -> None:
+        """The slots back to zeros, the encoders frozen and in their dtype."""
+        for hook in self._hooks:
+            hook.remove()
+        for weight, rows in zip(self.weights, self.rows, strict=True):
+            weight.requires_grad_(False)
+            with torch.no_grad():
+                weight[rows] = 0
+        for encoder, dtype in zip(self.encoders, self._dtypes, strict=True):
+            encoder.to(dtype)
 
 
 def _adapter_state(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -157,9 +256,16 @@ class _Conditions:
         return arguments
 
 
-@torch.no_grad()
-def _conditions(pipeline: DiffusionPipeline, captions: list[str], size: tuple[int, int]) -> _Conditions:
-    """The captions' text embeddings (and SDXL's pooled ones and size conditioning), computed once."""
+def _conditions(
+    pipeline: DiffusionPipeline, captions: list[str], size: tuple[int, int], grad: bool = False
+) -> _Conditions:
+    """The captions' text embeddings (and SDXL's pooled ones and size conditioning); with `grad`,
+    differentiable (for the trigger word's vectors)."""
+    with torch.set_grad_enabled(grad):
+        return _encoded(pipeline, captions, size)
+
+
+def _encoded(pipeline: DiffusionPipeline, captions: list[str], size: tuple[int, int]) -> _Conditions:
     if getattr(pipeline, "text_encoder_2", None) is not None:  # SDXL
         embeds, _, pooled, _ = pipeline.encode_prompt(
             captions, device=pipeline.device, num_images_per_prompt=1, do_classifier_free_guidance=False
@@ -167,6 +273,6 @@ def _conditions(pipeline: DiffusionPipeline, captions: list[str], size: tuple[in
         width, height = size
         # SDXL's size conditioning, as its pipeline builds it: original size, crop corner, target size.
         time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=embeds.dtype)
-        return _Conditions(embeds.cpu(), pooled.cpu(), time_ids.cpu())
+        return _Conditions(embeds, pooled, time_ids)
     embeds, _ = pipeline.encode_prompt(captions, pipeline.device, 1, False)
-    return _Conditions(embeds.cpu())
+    return _Conditions(embeds)

@@ -4,7 +4,12 @@
   `lora_weights` reads from a Replicate-style tar, so the tar itself is a valid `lora_weights`;
 - `lora-kohya.safetensors`: kohya's key names, which AUTOMATIC1111 and ComfyUI read (and diffusers
   too, through its kohya conversion);
-- `special_params.json`: the trigger word and the tokens it stands for;
+- with pivotal tuning, the trigger word's embeddings twice: `embeddings.pti` in Replicate's
+  trainers' format (`text_encoders_0`, and `text_encoders_1` for SDXL), which this model's
+  `lora_weights` applies by itself, and `<trigger word>.safetensors` in AUTOMATIC1111's (`emb_params`,
+  or `clip_l`/`clip_g` for SDXL), which its embeddings folder (and ComfyUI's) reads under that word;
+- `special_params.json`: the trigger word and the tokens it stands for, as Replicate's trainers
+  write it (`{"TOK": "<s0><s1>"}`; without pivotal tuning `{"TOK": "TOK"}`);
 - `README.md`: a model card with the training inputs, the loss and a sample prompt;
 - `loss.png`: the loss curve.
 The tar is written beside its final name and renamed once complete: a failure leaves no half file.
@@ -26,11 +31,14 @@ from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_
 from PIL import Image, ImageDraw
 from safetensors.torch import save
 
+from sdcog.train.lora_training import TrainedLora
+
 LORA_FILE = "lora.safetensors"
 KOHYA_FILE = "lora-kohya.safetensors"
 PARAMS_FILE = "special_params.json"
 CURVE_FILE = "loss.png"
 CARD_FILE = "README.md"
+EMBEDDINGS_FILE = "embeddings.pti"
 
 
 def diffusers_tensors(unet_layers: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -68,15 +76,44 @@ def loss_curve(losses: Sequence[float], width: int = 640, height: int = 320) -> 
     return picture
 
 
-def model_card(inputs: Mapping[str, object], losses: Sequence[float], trigger_word: str) -> str:
+def embeddings_tensors(vectors: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Replicate's format: one tensor per text encoder, `text_encoders_<i>`, tokens x width."""
+    return {f"text_encoders_{index}": tensor.contiguous() for index, tensor in enumerate(vectors)}
+
+
+def automatic1111_embedding(vectors: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """AUTOMATIC1111's (and ComfyUI's) format: `emb_params`, or `clip_l` and `clip_g` for SDXL."""
+    if len(vectors) == 2:
+        return {"clip_l": vectors[0].contiguous(), "clip_g": vectors[1].contiguous()}
+    return {"emb_params": vectors[0].contiguous()}
+
+
+def special_params(trigger_word: str, tokens: int) -> dict[str, str]:
+    """What the trigger word stands for: its new tokens (Replicate's `<s0><s1>`), or itself."""
+    return {trigger_word: "".join(f"<s{index}>" for index in range(tokens)) or trigger_word}
+
+
+def model_card(inputs: Mapping[str, object], trained: TrainedLora, trigger_word: str) -> str:
+    losses = trained.losses
+    embedding = f"{trigger_word}.safetensors"
     lines = [
         "# A LoRA trained with sdcog's `cog train`",
         "",
         f"Sample prompt: `a photo of {trigger_word}`",
         "",
-        "Use it here: pass this tar (its URL, a data URI or the Replicate model) as `lora_weights`.",
+        "Use it here: pass this tar (its URL, a data URI or the Replicate model) as `lora_weights`"
+        + (
+            f"; `{EMBEDDINGS_FILE}` is applied with it, under `{trigger_word}`."
+            if trained.embeddings
+            else "."
+        ),
         f"In diffusers: `pipeline.load_lora_weights('{LORA_FILE}')`. In AUTOMATIC1111 or ComfyUI: "
-        f"`{KOHYA_FILE}` in the LoRA folder.",
+        f"`{KOHYA_FILE}` in the LoRA folder"
+        + (
+            f", and `{embedding}` in the embeddings folder (write `{trigger_word}` in the prompt)."
+            if trained.embeddings
+            else "."
+        ),
         "",
         "## Training inputs",
         "",
@@ -88,27 +125,29 @@ def model_card(inputs: Mapping[str, object], losses: Sequence[float], trigger_wo
     if losses:
         tenth = max(1, len(losses) // 10)
         first, last = np.mean(losses[:tenth]), np.mean(losses[-tenth:])
-        lines.append(f"first tenth of the steps {first:.4f}, last tenth {last:.4f}")
+        lines.append(
+            f"{len(losses)} steps in {trained.seconds:.0f} s: first tenth {first:.4f}, last tenth {last:.4f}"
+        )
     return "\n".join(lines) + "\n"
 
 
 def write_trained_model(
-    path: Path,
-    unet_layers: Mapping[str, torch.Tensor],
-    losses: Sequence[float],
-    inputs: Mapping[str, object],
-    trigger_word: str,
+    path: Path, trained: TrainedLora, inputs: Mapping[str, object], trigger_word: str
 ) -> Path:
     """Write `path` (a tar) whole, or not at all."""
     curve = io.BytesIO()
-    loss_curve(losses).save(curve, "PNG")
-    members = {
-        LORA_FILE: save(diffusers_tensors(unet_layers)),
-        KOHYA_FILE: save(kohya_tensors(unet_layers)),
-        PARAMS_FILE: json.dumps({"trigger_word": trigger_word, trigger_word: trigger_word}).encode(),
-        CARD_FILE: model_card(inputs, losses, trigger_word).encode(),
-        CURVE_FILE: curve.getvalue(),
+    loss_curve(trained.losses).save(curve, "PNG")
+    tokens = len(trained.embeddings[0]) if trained.embeddings else 0
+    members = {  # lora.safetensors first: a reader that stops at the first match finds it at once
+        LORA_FILE: save(diffusers_tensors(trained.unet_layers)),
+        KOHYA_FILE: save(kohya_tensors(trained.unet_layers)),
     }
+    if trained.embeddings:
+        members[EMBEDDINGS_FILE] = save(embeddings_tensors(trained.embeddings))
+        members[f"{trigger_word}.safetensors"] = save(automatic1111_embedding(trained.embeddings))
+    members[PARAMS_FILE] = json.dumps(special_params(trigger_word, tokens)).encode()
+    members[CARD_FILE] = model_card(inputs, trained, trigger_word).encode()
+    members[CURVE_FILE] = curve.getvalue()
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, partial = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
