@@ -19,6 +19,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 from unittest import mock
 
@@ -37,6 +38,11 @@ DEV_TOOLS = ("pytest", "hypothesis", "schemathesis", "ruff", "check-jsonschema")
 
 def predictor_file() -> str:
     return cog_config()["predict"].partition(":")[0]
+
+
+def entry_files() -> list[str]:
+    """What the image runs: the predictor, and the trainer when cog.yaml declares one."""
+    return [cog_config()[key].partition(":")[0] for key in ("predict", "train") if cog_config().get(key)]
 
 
 def _imports(path: Path) -> set[str]:
@@ -60,18 +66,19 @@ def _local_file(module: str) -> Path | None:
 
 
 def runtime_imports() -> dict[str, set[str]]:
-    """Third-party top-level modules the predictor reaches -> the project files that import them,
-    following the project's own modules from predict.py (so development tools stay out)."""
+    """Third-party top-level modules the predictor and the trainer reach -> the project files that
+    import them, following the project's own modules from predict.py and train.py (so development
+    tools stay out)."""
     return _reached()[1]
 
 
 def runtime_files() -> set[str]:
-    """The project's own files the predictor reaches, from predict.py."""
+    """The project's own files the predictor and the trainer reach."""
     return _reached()[0]
 
 
 def _reached() -> tuple[set[str], dict[str, set[str]]]:
-    pending, seen, third_party = [ROOT / predictor_file()], set(), {}
+    pending, seen, third_party = [ROOT / name for name in entry_files()], set(), {}
     while pending:
         path = pending.pop()
         if path in seen:
@@ -132,8 +139,10 @@ def test_every_module_the_predictor_imports_is_pinned_in_the_runtime_requirement
 
 def test_the_runtime_never_imports_the_development_tools():
     reached = runtime_files()
-    assert "sdcog/generate/engine.py" in reached
-    assert sorted(path for path in reached if not path.startswith("sdcog/") and path != "predict.py") == []
+    assert {"sdcog/generate/engine.py", "sdcog/train/trainer.py"} <= reached
+    assert (
+        sorted(path for path in reached if not path.startswith("sdcog/") and path not in entry_files()) == []
+    )
 
 
 # --- The environment itself --------------------------------------------------------------------
@@ -215,8 +224,8 @@ def test_the_environment_holds_none_of_the_development_tools(venv):
 def test_predict_and_every_module_it_imports_load_in_the_environment(venv, build_context):
     modules = sorted(runtime_imports())
     assert {"cog", "httpx", "torch", "diffusers"} <= set(modules)
-    module = Path(predictor_file()).stem
-    code = f"import importlib; [importlib.import_module(name) for name in {modules!r}]; import {module}"
+    entries = ", ".join(Path(name).stem for name in entry_files())
+    code = f"import importlib; [importlib.import_module(name) for name in {modules!r}]; import {entries}"
     result = run_in(venv, code, build_context)
     assert result.returncode == 0, f"in the runtime environment:\n{result.stderr}"
 
@@ -267,15 +276,22 @@ def test_the_environment_serves_a_prediction_with_the_bundled_model(venv, build_
     assert loaded and all(venv.resolve() in path.resolve().parents for path in loaded), loaded
 
 
-def test_the_environment_loads_the_trainer(venv, build_context):
-    """The hook for training: once cog.yaml declares `train:`, the trainer must load here too.
+def test_the_environment_trains_with_the_bundled_model_through_trainings(venv, build_context, schema_file):
+    """`cog train` in the image: the server in training mode (`--x-mode train`, COG_TRAIN_TYPE_STUB,
+    and cog.yaml's concurrency, which makes an async train() necessary) runs a short training."""
+    from test_training_http import shapes_archive
 
-    Running a small training through `/trainings` belongs here as well once train.py exists (the
-    server runs it with `--x-mode train` and COG_TRAIN_TYPE_STUB; see DESIGN.md).
-    """
-    train = cog_config().get("train")
-    if not train:
-        pytest.skip("cog.yaml declares no `train:`: there is no trainer to run in the runtime environment")
-    code = f"from sdcog_tools.cog_schema import load_predictor_info; load_predictor_info({train!r})"
-    result = run_in(venv, code, build_context)
-    assert result.returncode == 0, f"{train} in the runtime environment:\n{result.stderr}"
+    train = cog_config()["train"]
+    with (
+        mock.patch.object(sys, "executable", str(venv / "bin" / "python")),
+        running_server(
+            build_context, train, env={"MODEL_WEIGHTS": "", "PYTHONNOUSERSITE": "1"}, train=True
+        ) as server,
+    ):
+        response = server.train({"input_images": shapes_archive(4), "max_train_steps": 3, "lora_rank": 2})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["status"] == "succeeded", body.get("error") or body.get("logs")
+    header, _, payload = body["output"]["weights"].partition(",")
+    with tarfile.open(fileobj=io.BytesIO(base64.b64decode(payload))) as archive:
+        assert {"lora.safetensors", "embeddings.pti", "special_params.json"} <= set(archive.getnames())

@@ -5,7 +5,7 @@ The model is the one predictions use (MODEL_WEIGHTS, weights/ or the bundled mod
 without the inference fast path (fused attention projections would hide the layers the LoRA
 trains). On a GPU the frozen weights are in half precision (bfloat16 for SDXL where supported),
 the adapters and the trigger word's vectors in float32, with gradient checkpointing on the UNet
-and 8-bit AdamW when bitsandbytes is installed; on the CPU everything is float32.
+(see `lora_training._optimizer` on 8-bit Adam); on the CPU everything is float32.
 
 Trainings run one at a time on the generation thread (`train_in_background`, what the async
 `train()` awaits: Cog's concurrency setting, which the predictions need, requires an async
@@ -22,6 +22,7 @@ import asyncio
 import contextvars
 import logging
 import random
+import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -144,12 +145,29 @@ def run_training(
 ) -> Path:
     """Train on `archive` (a path, or a URL or data URI: see `fetch_archive`) and return the path
     of `trained_model.tar` (in `output_dir`, default a new temporary directory)."""
+    created = output_dir is None
+    output_dir = output_dir or Path(tempfile.mkdtemp(prefix="training-"))
+    try:
+        return _train(archive, inputs, weights_dir, device, output_dir, cancel)
+    except BaseException:  # a failed or canceled training leaves nothing behind
+        if created:
+            shutil.rmtree(output_dir, ignore_errors=True)
+        raise
+
+
+def _train(
+    archive: object,
+    inputs: TrainingInputs,
+    weights_dir: Path,
+    device: torch.device | None,
+    output_dir: Path,
+    cancel: CancelFlag | None,
+) -> Path:
     inputs.check()
     cancel = cancel or CancelFlag()
     if cancel.is_set():
         raise Cancelled("canceled before the training started")
     device = device or default_device()
-    output_dir = output_dir or Path(tempfile.mkdtemp(prefix="training-"))
     with tempfile.TemporaryDirectory(prefix="input-", dir=output_dir) as incoming:
         archive = fetch_archive(archive, Path(incoming))
         pipeline, model = load_for_training(weights_dir, device)
