@@ -67,11 +67,12 @@ def refusal(cache, field, reference) -> str:
 
 
 def leftovers(cache):
-    """What is in the cache directory besides an index that names nothing."""
+    """What is in the cache directory besides indexes that name nothing."""
     files = sorted(path.name for path in cache.root.iterdir())
-    index = cache.root / "references.json"
-    if index.exists() and json.loads(index.read_text()) == {}:
-        files.remove("references.json")
+    for name in ("references.json", "trained-embeddings.json"):
+        index = cache.root / name
+        if index.exists() and json.loads(index.read_text()) == {}:
+            files.remove(name)
     return files
 
 

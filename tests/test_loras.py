@@ -219,8 +219,12 @@ def test_a_bomb_under_the_limit_is_stored_then_forgotten_when_it_is_no_lora(sd15
     with pytest.raises(InputError, match="inline is not a LoRA for this model") as error:
         generate(sd15, cache, data_uri(bomb("xz", unpacked_mb=0.5)))
     assert error.value.field == "lora_weights" and cache.downloads == 1
-    assert sorted(path.name for path in cache.root.iterdir()) == ["references.json"]
+    assert sorted(path.name for path in cache.root.iterdir()) == [
+        "references.json",
+        "trained-embeddings.json",
+    ]
     assert json.loads((cache.root / "references.json").read_text()) == {}
+    assert json.loads((cache.root / "trained-embeddings.json").read_text()) == {}
 
 
 def test_private_addresses_are_refused_unless_the_operator_allows_them(cache, monkeypatch):
