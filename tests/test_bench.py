@@ -97,3 +97,28 @@ def test_a_cheap_run_has_every_figure_and_a_png_plot(tiny_sd15, tmp_path):
     assert "SKIP: HTTP within max(+100 ms, 1.25x) of plain: not measured" in report
     bench_report.plot(record, tmp_path / "bench.png")
     assert (tmp_path / "bench.png").read_bytes().startswith(PNG_SIGNATURE)
+
+
+def test_the_training_bench_reports_every_figure(tmp_path):
+    from sdcog_tools import bench_training
+
+    out = tmp_path / "training.json"
+    argv = [
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+        "--batch",
+        "1",
+        "--rank",
+        "2",
+        "--resolution",
+        "64",
+        "--json",
+        str(out),
+    ]
+    assert bench_training.main(argv) == 0
+    figures = json.loads(out.read_text())
+    assert figures["timed_steps"] == 2 and figures["step_s"] > 0 and figures["images_per_s"] > 0
+    assert figures["peak_memory_gb"] > 0 and figures["lora_parameters_m"] > 0
+    assert figures["extrapolated_1000_steps_min"] == pytest.approx(figures["step_s"] * 1000 / 60, rel=0.01)
