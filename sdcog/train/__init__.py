@@ -1,2 +1,3 @@
-"""Fine-tuning with `cog train`: what the trainer reads from its inputs and how it prepares them
-(dataset)."""
+"""Fine-tuning with `cog train` (train.py): `trainer` runs one training in this order: the archive
+read and its images prepared (`dataset`), a LoRA (and the trigger word's embeddings) trained on the
+loaded model (`lora_training`), and `trained_model.tar` written (`output`)."""
