@@ -148,3 +148,18 @@ def test_bad_inputs_fail_naming_the_field(trainer, inputs, field, message):
 def test_out_of_range_inputs_are_refused_by_the_schema(trainer):
     response = trainer.train({"input_images": shapes_archive(2), "max_train_steps": 0})
     assert response.status_code == 422 and "max_train_steps" in response.text
+
+
+def test_hostile_archives_fail_naming_input_images_without_a_hang(trainer):
+    """The release gate's hostile tars (bombs, nested and compressed members, a million members,
+    lying sizes, huge and chained headers) as input_images: each fails at once, naming the field."""
+    from hostile_archives import hostile_archives
+
+    for name, archive in hostile_archives().items():
+        started = time.monotonic()
+        response = trainer.train({"input_images": archive, **QUICK}, timeout=120)
+        body = response.json()
+        assert response.status_code == 200 and body["status"] == "failed", (name, body)
+        # coglet 0.23 prefixes an async training's error: "Prediction failed: Async training failed: "
+        assert "InputError: input_images: " in body["error"], (name, body["error"])
+        assert time.monotonic() - started < 60, name
