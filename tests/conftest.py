@@ -81,6 +81,16 @@ def liveness_server(liveness_file):
 
 
 @pytest.fixture
+def webhooks():
+    """A receiver for Cog's webhooks on 127.0.0.1 (tests/webhooks.py), one per test."""
+    from webhooks import WebhookReceiver
+
+    receiver = WebhookReceiver()
+    yield receiver
+    receiver.close()
+
+
+@pytest.fixture
 def local_urls(monkeypatch):
     """Let the server fetch from 127.0.0.1, where the tests serve their files."""
     monkeypatch.setenv("SDCOG_ALLOW_LOCAL_URLS", "1")

@@ -7,7 +7,7 @@ import time
 
 import httpx
 import pytest
-from webhooks import TQDM_LINE, WebhookReceiver, progress_steps, start_async
+from webhooks import TQDM_LINE, progress_steps, start_async
 
 # Long enough to cancel in the middle: 400 steps at 128x128 take tens of seconds on a CPU.
 LONG = {"prompt": "a red circle", "width": 128, "height": 128, "num_inference_steps": 400, "seed": 7}
@@ -17,13 +17,6 @@ SHORT = {"prompt": "a red circle", "width": 64, "height": 64, "num_inference_ste
 @pytest.fixture(scope="module")
 def server(sd15_server):
     return sd15_server
-
-
-@pytest.fixture
-def webhooks():
-    receiver = WebhookReceiver()
-    yield receiver
-    receiver.close()
 
 
 def test_setup_logs_what_it_loaded_and_how_long_it_took(server):

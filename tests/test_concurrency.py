@@ -17,7 +17,7 @@ from front_process import running_front
 from hostile_archives import data_uri
 from lora_files import make_lora
 from PIL import Image
-from webhooks import WebhookReceiver, progress_steps, start_async
+from webhooks import progress_steps, start_async
 
 FAST = {"prompt": "a red circle", "width": 64, "height": 64, "num_inference_steps": 1, "output_format": "png"}
 DONE = ("succeeded", "failed", "canceled")
@@ -95,13 +95,6 @@ def test_requests_with_different_loras_never_share_a_batch(front, tiny_sd15, tmp
         body.get("error") for body in bodies
     ]
     assert [body["metrics"]["batch_size"] for body in bodies[:3]] == [1, 1, 1]
-
-
-@pytest.fixture
-def webhooks():
-    receiver = WebhookReceiver()
-    yield receiver
-    receiver.close()
 
 
 def test_a_cancel_inside_a_batch_cancels_that_request_only(sd15_server, webhooks):

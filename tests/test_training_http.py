@@ -14,7 +14,7 @@ import zipfile
 
 import httpx
 import pytest
-from webhooks import WebhookReceiver, progress_steps, start_async
+from webhooks import progress_steps, start_async
 
 from sdcog.model.weights import PROJECT_ROOT
 from sdcog_tools.cog_schema import write_schema
@@ -89,13 +89,6 @@ def test_the_tar_drives_predictions_by_lora_weights_and_by_replicate_weights(tra
     plain, with_lora, replicate = png({}), png({"lora_weights": tar}), png({"replicate_weights": tar})
     assert with_lora != plain and replicate == with_lora
     assert b"TI hashes" in with_lora and b"Lora hashes" in with_lora  # the trigger word's embeddings applied
-
-
-@pytest.fixture
-def webhooks():
-    receiver = WebhookReceiver()
-    yield receiver
-    receiver.close()
 
 
 def test_an_async_training_answers_by_webhook_and_a_cancel_stops_the_next(trainer, webhooks):
