@@ -112,3 +112,29 @@ def test_out_of_memory_is_reported_and_freed_and_the_next_request_runs(gpu_engin
         torch.cuda.set_per_process_memory_fraction(1.0)
     assert torch.cuda.memory_allocated() <= baseline + 2**20  # nothing of the failed run is held
     assert np.array_equal(pixels(engine), expected)
+
+
+@pytest.mark.parametrize("name", ["tiny-sd15", "tiny-sdxl"])
+def test_cog_train_trains_in_half_precision_with_pivotal_tuning(tiny_pipelines, tmp_path, name):
+    """The trainer on a GPU (issue 19): half-precision frozen weights, float32 adapters and vectors,
+    gradient checkpointing; finite losses, the pipeline left in its dtype, and a tar that loads."""
+    import io
+    import random
+    import zipfile
+
+    from sdcog.train.trainer import TrainingInputs, run_training
+    from sdcog_tools.shapes import NEW_SHAPE, Scene, render
+
+    archive = tmp_path / "bars.zip"
+    rng = random.Random(0)
+    with zipfile.ZipFile(archive, "w") as opened:
+        for index in range(4):
+            picture = io.BytesIO()
+            render(Scene("red", NEW_SHAPE, "blue"), rng).save(picture, "PNG")
+            opened.writestr(f"{index}.png", picture.getvalue())
+    inputs = TrainingInputs(max_train_steps=20, learning_rate=1e-3, lora_rank=4, train_batch_size=2, seed=0)
+    tar = run_training(archive, inputs, tiny_pipelines[name], CUDA, tmp_path / "out")
+    engine = Engine.load(tiny_pipelines[name], CUDA)
+    cache = AdapterCache(tmp_path / "adapters", max_bytes=10**9, max_file_bytes=10**8)
+    trained = pixels(engine, cache, prompt="a photo of TOK", lora_weights=data_uri(tar.read_bytes()))
+    assert not np.array_equal(trained, pixels(engine, prompt="a photo of TOK"))
