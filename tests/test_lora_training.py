@@ -70,3 +70,15 @@ def test_the_trained_lora_saved_in_diffusers_format_loads_and_changes_the_images
     finally:
         pipeline.delete_adapters("trained")
     assert np.array_equal(image(pipeline), before)
+
+
+def test_pivotal_tuning_is_deterministic_too_and_leaves_the_embedding_slots_empty(pipeline):
+    settings = LoraSettings(**{**SETTINGS.__dict__, "pivotal_tokens": 2, "ti_learning_rate": 0.1})
+    before = image(pipeline)
+    first = train_lora(pipeline, training_images(64), settings)
+    second = train_lora(pipeline, training_images(64), settings)
+    encoders = 2 if getattr(pipeline, "text_encoder_2", None) is not None else 1
+    assert len(first.embeddings) == encoders and all(len(vectors) == 2 for vectors in first.embeddings)
+    assert all(torch.equal(a, b) for a, b in zip(first.embeddings, second.embeddings, strict=True))
+    assert all(torch.equal(first.unet_layers[name], second.unet_layers[name]) for name in first.unet_layers)
+    assert np.array_equal(image(pipeline), before)  # the slots are zeros again, the encoders unchanged
