@@ -164,7 +164,11 @@ def cheapen(inputs: dict[str, Any]) -> dict[str, Any]:
     for name in FILE_FIELDS:
         if isinstance(cheap.get(name), str):
             cheap[name] = _offline_url(cheap[name])
-    for name in (LORA_WEIGHTS, EMBEDDINGS):  # each reference offline; hub ids: fuzz_server's env
+    for name in (
+        LORA_WEIGHTS,
+        EMBEDDINGS,
+        REPLICATE_WEIGHTS,
+    ):  # each reference offline; hub ids: fuzz_server's env
         if isinstance(cheap.get(name), str):
             references = cheap[name].replace(",", " ").split()
             cheap[name] = " ".join(_offline_reference(item) for item in references) or cheap[name]
@@ -258,6 +262,8 @@ PROMPTS = (
 TOO_LONG_PROMPT = "a red circle on a blue background " * 150
 PROMPT_FIELDS = ("prompt", "negative_prompt")
 LORA_WEIGHTS, LORA_SCALES, EMBEDDINGS = "lora_weights", "lora_scales", "embeddings"
+REPLICATE_WEIGHTS = "replicate_weights"
+"""One reference (a trained tar), not a list: valid offline only when blank."""
 NO_LORAS = st.sampled_from(["", " ", ",", " , \n"])
 """The only valid LoRA (or embedding) inputs offline: none (real ones are tested in tests/test_loras.py
 and tests/test_embeddings.py)."""
@@ -400,7 +406,7 @@ def invalid_value(name: str, prop: dict[str, Any]) -> st.SearchStrategy[Any]:
         options.append(LONE_SURROGATE)
     if name in PROMPT_FIELDS:
         options.append(st.just(TOO_LONG_PROMPT))
-    if name == LORA_WEIGHTS:
+    if name in (LORA_WEIGHTS, REPLICATE_WEIGHTS):
         options.append(BAD_LORA_REFERENCES)
     if name == EMBEDDINGS:
         options.append(BAD_EMBEDDINGS)
@@ -426,6 +432,8 @@ def valid_value(name: str, prop: dict[str, Any]) -> st.SearchStrategy[Any]:
         return PROMPTS
     if name in (LORA_WEIGHTS, LORA_SCALES, EMBEDDINGS):
         return NO_LORAS
+    if name == REPLICATE_WEIGHTS:
+        return st.sampled_from(["", " "])
     if json_type == "string":
         return TEXT
     raise AssertionError(f"no valid-value strategy for {name}: {prop}")
@@ -1012,6 +1020,8 @@ def test_fuzz_the_server_with_1000_inputs_no_5xx_every_refusal_names_the_field(
         "/health-check",
         "/predictions",
         "/predictions/{prediction_id}/cancel",
+        "/trainings",  # train.py (cog.yaml's train:), merged in as cog build does
+        "/trainings/{training_id}/cancel",
     }
     properties = input_properties(served)
     assert {*SIZE_FIELDS, STEPS, STRENGTH, NUM_OUTPUTS, *FILE_FIELDS, *OUTPAINT_FIELDS} <= set(properties)
