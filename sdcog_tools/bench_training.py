@@ -86,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         name = args.preset
     xl = getattr(pipeline, "text_encoder_2", None) is not None
     dtype = pipeline_dtype(SDXL if xl else SD1, device)
-    pipeline.to(dtype=dtype)
+    if dtype != torch.float32:
+        pipeline.to(dtype=dtype)
     prepare_for_training(pipeline, device)
     built = time.perf_counter() - started
     sample = pipeline.unet.config.sample_size
