@@ -340,7 +340,15 @@ def test_prestop_waits_for_predictions_in_the_model_while_the_server_still_says_
         "PORT": str(sd15_server.port),
         liveness.LIVENESS_FILE_VARIABLE: str(sd15_server.liveness_file),
     }
-    inputs = {"prompt": "a red circle", "width": 64, "height": 64, "num_inference_steps": 400}
+    # Long enough to outlast settle + grace + 1 s on any CPU (400 steps at 64x64 took under 11 s
+    # once, and the hook rightly ended): it is canceled once the check is made.
+    inputs = {
+        "prompt": "a red circle",
+        "width": 256,
+        "height": 256,
+        "num_outputs": 4,
+        "num_inference_steps": 500,
+    }
     response = httpx.post(
         f"{sd15_server.url}/predictions",
         json={"id": "drain-1", "input": inputs},
