@@ -34,7 +34,7 @@ from sdcog.model.families import SD1, SDXL
 from sdcog.train.dataset import TrainingImage
 from sdcog.train.lora_training import LoraSettings, train_lora
 from sdcog.train.output import diffusers_tensors
-from sdcog.train.trainer import PIVOTAL_TOKENS, prepare_for_training
+from sdcog.train.trainer import PIVOTAL_TOKENS, native_resolution, prepare_for_training
 from sdcog_tools.random_pipelines import build_pipeline
 
 TARGET_MINUTES = 8.0
@@ -90,9 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         pipeline.to(dtype=dtype)
     prepare_for_training(pipeline, device)
     built = time.perf_counter() - started
-    sample = pipeline.unet.config.sample_size
-    native = (sample if isinstance(sample, int) else min(sample)) * pipeline.vae_scale_factor
-    resolution = args.resolution or (min(native, 768) if xl else native)
+    resolution = args.resolution or native_resolution(pipeline)
     settings = LoraSettings(
         max_train_steps=args.warmup + args.steps,
         learning_rate=1e-4,

@@ -86,7 +86,10 @@ def cache(tmp_path):
     return AdapterCache(tmp_path / "adapters", max_bytes=10**9, max_file_bytes=10**8)
 
 
-def generate(engine, cache, lora_weights=None, lora_scales=None, prompt="a red circle on a blue background"):
+def generate(
+    engine, cache, lora_weights=None, lora_scales=None, prompt="a red circle on a blue background", **inputs
+):
+    """One 64x64 image (int16 pixels) and its Generation, with the request's adapters fetched and released."""
     request = resolve_request(
         engine.limits,
         prompt=prompt,
@@ -96,6 +99,7 @@ def generate(engine, cache, lora_weights=None, lora_scales=None, prompt="a red c
         seed=5,
         lora_weights=lora_weights,
         lora_scales=lora_scales,
+        **inputs,
     )
     adapters = cache.fetch_for(request)
     try:

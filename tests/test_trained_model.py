@@ -13,10 +13,10 @@ from diffusers import DiffusionPipeline
 from hostile_archives import data_uri
 from safetensors.torch import load
 from test_lora_training import SETTINGS, image, training_images
+from test_loras import generate as generate_with_loras
 
 from sdcog.fetch.adapter_cache import AdapterCache
 from sdcog.generate.engine import Engine
-from sdcog.resolve.request import resolve_request
 from sdcog.train.lora_training import LoraSettings, train_lora
 from sdcog.train.output import (
     CARD_FILE,
@@ -89,23 +89,10 @@ def test_the_diffusers_and_the_kohya_files_load_in_diffusers_and_give_the_same_i
 
 
 def generator(engine: Engine, cache: AdapterCache):
+    """tests/test_loras.py's `generate`, prompting the trigger word by default."""
+
     def generate(lora_weights=None, prompt="a photo of TOK", **inputs):
-        request = resolve_request(
-            engine.limits,
-            prompt=prompt,
-            width=64,
-            height=64,
-            num_inference_steps=2,
-            seed=1,
-            lora_weights=lora_weights,
-            **inputs,
-        )
-        adapters = cache.fetch_for(request)
-        try:
-            generation = engine.generate(request, adapters=adapters)
-        finally:
-            cache.release(adapters)
-        return np.asarray(generation.images[0], dtype=np.int16), generation
+        return generate_with_loras(engine, cache, lora_weights, prompt=prompt, **inputs)
 
     return generate
 

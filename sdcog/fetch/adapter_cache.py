@@ -248,7 +248,7 @@ class AdapterCache:
         return (companion[0], companion[1]) if companion else None
 
     def _companion_paths(self, key: str) -> list[Path]:
-        companion = self._companions.get(key)
+        companion = self._companion_of(key)
         return [self.path_for(companion[0])] if companion else []
 
     def _companion(self, lora: AdapterFile) -> FetchedEmbedding | None:
@@ -293,7 +293,9 @@ class AdapterCache:
                 archive = body
                 body = safetensors_from_tar(kind, reference, archive, Path(incoming) / "member", limit)
                 if kind.tar_member == LORA.tar_member:
-                    companion = self._trained_embeddings(reference, archive, Path(incoming) / "embeddings")
+                    companion = self._trained_embeddings(
+                        kind, reference, archive, Path(incoming) / "embeddings"
+                    )
             _check_safetensors(field, reference, body)
             sha256 = sha256_of(body)
             size = body.stat().st_size
@@ -301,15 +303,18 @@ class AdapterCache:
             os.replace(body, self.path_for(sha256))
         return sha256, size, stored, companion
 
-    def _trained_embeddings(self, reference: AdapterReference, archive: Path, out: Path) -> list[str] | None:
-        """A trained LoRA's tar's embeddings, stored beside it: [their sha256, their word], or None."""
-        word = trained_embeddings_from_tar(LORA, reference, archive, out, self.max_file_bytes)
+    def _trained_embeddings(
+        self, kind: AdapterKind, reference: AdapterReference, archive: Path, out: Path
+    ) -> list[str] | None:
+        """A trained LoRA's tar's embeddings, stored beside it: [their sha256, their word], or None.
+        Refusals name `kind.field` (lora_weights, or replicate_weights)."""
+        word = trained_embeddings_from_tar(kind, reference, archive, out, self.max_file_bytes)
         if word is None:
             return None
-        _check_safetensors(LORA.field, reference, out)
+        _check_safetensors(kind.field, reference, out)
         sha256 = sha256_of(out)
         os.replace(out, self.path_for(sha256))
-        log.info("%s: %s holds the embeddings of its trigger word %s", LORA.field, reference.name, word)
+        log.info("%s: %s holds the embeddings of its trigger word %s", kind.field, reference.name, word)
         return [sha256, word]
 
     def _evict(self, keep: frozenset[str]) -> None:
