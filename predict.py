@@ -6,6 +6,7 @@ the rules `sdcog.resolve.request` enforces.
 """
 
 import asyncio
+import dataclasses
 import logging
 import sys
 import time
@@ -13,14 +14,17 @@ import time
 from cog import BasePredictor, Input, Path, Secret
 
 from sdcog import liveness
-from sdcog.fetch.adapter_cache import AdapterCache, adapter_tokens
+from sdcog.fetch.adapter_cache import AdapterCache, FetchedAdapters, adapter_tokens
+from sdcog.fetch.control_maps import ControlMaps
 from sdcog.fetch.images import Outpaint, open_image
 from sdcog.fetch.input_files import guard_cog_downloads, read_input_file
 from sdcog.generate.batching import Batcher, until_done
+from sdcog.generate.controlnets import ControlNets
 from sdcog.generate.engine import Engine
 from sdcog.heap import HeapTrimmer
 from sdcog.model.weights import resolve_weights_dir
 from sdcog.pinned_internals import log_unchecked_internals
+from sdcog.resolve.control import ControlSlot
 from sdcog.resolve.request import resolve_request
 from sdcog.write.outputs import OutputDirectory, write_outputs
 
@@ -37,6 +41,8 @@ class Predictor(BasePredictor):
         self.outputs = OutputDirectory()
         self.heap = HeapTrimmer()
         self.adapters = AdapterCache.from_environment()
+        self.controlnets = ControlNets.from_environment(self.engine)
+        self.control_maps = ControlMaps(device=str(self.engine.device))
 
     async def predict(
         self,
@@ -158,6 +164,127 @@ class Predictor(BasePredictor):
             description="A LoRA trained with this model's cog train (its trained_model.tar, as lora_weights takes it), applied first at scale 1 with its trigger word's embeddings. Replicate fills it in when a trained version runs; leave it empty otherwise.",  # noqa: E501
             default=None,
         ),
+        controlnet_1: str | None = Input(
+            description="ControlNet 1: a name (canny, depth, openpose, scribble, lineart, softedge, tile; shapes-silhouette for the bundled model), each resolved for this model's family, or a reference as in lora_weights (a diffusers ControlNet repository huggingface.co/<owner>/<repo>, an https URL of a .safetensors file, a Replicate model). It steers the composition by controlnet_1_image in every mode. Fetched once, then cached.",  # noqa: E501
+            default=None,
+        ),
+        controlnet_1_image: Path | None = Input(
+            description="The control image of controlnet_1 (URL or data URI): a map (edges, depth, pose, ...) or a photo to preprocess. Fitted to the output size by scaling to cover it and cropping the centre.",  # noqa: E501
+            default=None,
+        ),
+        controlnet_1_conditioning_scale: float = Input(
+            description="How strongly controlnet_1 steers: 0 not at all, 1 as trained, up to 4.",
+            default=1.0,
+            ge=0,
+            le=4,
+        ),
+        controlnet_1_start: float = Input(
+            description="The fraction of the denoising steps at which controlnet_1 starts steering (0: from the first).",  # noqa: E501
+            default=0.0,
+            ge=0,
+            le=1,
+        ),
+        controlnet_1_end: float = Input(
+            description="The fraction of the denoising steps at which controlnet_1 stops steering (1: to the last); above controlnet_1_start.",  # noqa: E501
+            default=1.0,
+            ge=0,
+            le=1,
+        ),
+        controlnet_1_preprocessor: str | None = Input(
+            description="What controlnet_1_image goes through: none (it already is the map), canny (edges, see canny_low_threshold), depth (a depth estimator baked in by script/download-weights --preprocessor depth). Default: the named ControlNet's own (canny for canny, depth for depth), else none.",  # noqa: E501
+            default=None,
+            choices=["none", "canny", "depth"],
+        ),
+        controlnet_2: str | None = Input(
+            description="ControlNet 2, as controlnet_1 (up to three steer together).",
+            default=None,
+        ),
+        controlnet_2_image: Path | None = Input(
+            description="The control image of controlnet_2.",
+            default=None,
+        ),
+        controlnet_2_conditioning_scale: float = Input(
+            description="How strongly controlnet_2 steers (0-4).",
+            default=1.0,
+            ge=0,
+            le=4,
+        ),
+        controlnet_2_start: float = Input(
+            description="Where controlnet_2 starts steering (0-1).",
+            default=0.0,
+            ge=0,
+            le=1,
+        ),
+        controlnet_2_end: float = Input(
+            description="Where controlnet_2 stops steering (0-1).",
+            default=1.0,
+            ge=0,
+            le=1,
+        ),
+        controlnet_2_preprocessor: str | None = Input(
+            description="What controlnet_2_image goes through (as controlnet_1_preprocessor).",
+            default=None,
+            choices=["none", "canny", "depth"],
+        ),
+        controlnet_3: str | None = Input(
+            description="ControlNet 3, as controlnet_1 (up to three steer together).",
+            default=None,
+        ),
+        controlnet_3_image: Path | None = Input(
+            description="The control image of controlnet_3.",
+            default=None,
+        ),
+        controlnet_3_conditioning_scale: float = Input(
+            description="How strongly controlnet_3 steers (0-4).",
+            default=1.0,
+            ge=0,
+            le=4,
+        ),
+        controlnet_3_start: float = Input(
+            description="Where controlnet_3 starts steering (0-1).",
+            default=0.0,
+            ge=0,
+            le=1,
+        ),
+        controlnet_3_end: float = Input(
+            description="Where controlnet_3 stops steering (0-1).",
+            default=1.0,
+            ge=0,
+            le=1,
+        ),
+        controlnet_3_preprocessor: str | None = Input(
+            description="What controlnet_3_image goes through (as controlnet_1_preprocessor).",
+            default=None,
+            choices=["none", "canny", "depth"],
+        ),
+        canny_low_threshold: int = Input(
+            description="Canny preprocessor: edges weaker than this are dropped (1-255).",
+            default=100,
+            ge=1,
+            le=255,
+        ),
+        canny_high_threshold: int = Input(
+            description="Canny preprocessor: edges stronger than this are always kept (1-255).",
+            default=200,
+            ge=1,
+            le=255,
+        ),
+        sizing_strategy: str = Input(
+            description="Where the output size comes from: auto (the input image's size unless width/height are given, else width/height), width_height, input_image, or controlnet_N_image (that control image's size, rounded to multiples of 8).",  # noqa: E501
+            default="auto",
+            choices=[
+                "auto",
+                "width_height",
+                "input_image",
+                "controlnet_1_image",
+                "controlnet_2_image",
+                "controlnet_3_image",
+            ],
+        ),
+        return_control_maps: bool = Input(
+            description="Also return each ControlNet's preprocessed control map (what it followed), after the images.",  # noqa: E501
+            default=False,
+        ),
         hf_api_token: Secret | None = Input(
             description="Hugging Face token for private or gated LoRA and embedding repositories; sent to Hugging Face only, never logged. Default: the server's HF_TOKEN.",  # noqa: E501
             default=None,
@@ -195,14 +322,64 @@ class Predictor(BasePredictor):
                     lora_scales=lora_scales,
                     embeddings=embeddings,
                     replicate_weights=replicate_weights,
+                    controlnets=[
+                        ControlSlot(
+                            model,
+                            None if control is None else open_image(name, read_input_file(name, control)),
+                            scale,
+                            start,
+                            end,
+                            preprocessor,
+                        )
+                        for name, model, control, scale, start, end, preprocessor in (
+                            (
+                                "controlnet_1_image",
+                                controlnet_1,
+                                controlnet_1_image,
+                                controlnet_1_conditioning_scale,
+                                controlnet_1_start,
+                                controlnet_1_end,
+                                controlnet_1_preprocessor,
+                            ),
+                            (
+                                "controlnet_2_image",
+                                controlnet_2,
+                                controlnet_2_image,
+                                controlnet_2_conditioning_scale,
+                                controlnet_2_start,
+                                controlnet_2_end,
+                                controlnet_2_preprocessor,
+                            ),
+                            (
+                                "controlnet_3_image",
+                                controlnet_3,
+                                controlnet_3_image,
+                                controlnet_3_conditioning_scale,
+                                controlnet_3_start,
+                                controlnet_3_end,
+                                controlnet_3_preprocessor,
+                            ),
+                        )
+                    ],
+                    sizing_strategy=sizing_strategy,
+                    canny_low_threshold=canny_low_threshold,
+                    canny_high_threshold=canny_high_threshold,
+                    return_control_maps=return_control_maps,
                 )
             )
+            request = await asyncio.to_thread(self.control_maps.prepare, request)
             for index, image_seed in enumerate(request.seeds):
                 log.info("image %d: seed %d", index, image_seed)
             tokens = adapter_tokens(_secret(hf_api_token), _secret(replicate_api_token))
             adapters = await asyncio.to_thread(self.adapters.fetch_for, request, tokens)
+            try:
+                controlnets = await asyncio.to_thread(self.controlnets.fetch_for, request, tokens)
+            except BaseException:
+                self.adapters.release(adapters)
+                raise
+            adapters = dataclasses.replace(adapters, controlnets=controlnets)
             job = self.batcher.submit(request, adapters)
-            job.future.add_done_callback(lambda _: self.adapters.release(adapters))
+            job.future.add_done_callback(lambda _: self._release(adapters))
             generation = await until_done(job)
             encoding = time.monotonic()
             directory = self.outputs.next()
@@ -219,6 +396,10 @@ class Predictor(BasePredictor):
             liveness.prediction_ended()
             # glibc keeps what this prediction freed; give it back once the answer is on its way.
             self.heap.trim_in_background()
+
+    def _release(self, adapters: FetchedAdapters) -> None:
+        self.adapters.release(adapters)
+        self.controlnets.release(adapters.controlnets)
 
     def _record_metrics(self, metrics: dict[str, float]) -> None:
         """Where the prediction's time went, in its `metrics` (beside Cog's own predict_time)."""

@@ -61,15 +61,41 @@ TRAIN_SCENES = tuple(scene for scene in ALL_SCENES if not scene.held_out)
 HELD_OUT_SCENES = tuple(scene for scene in ALL_SCENES if scene.held_out)
 
 
+Box = tuple[int, int, int, int]
+"""An object's bounding box: left, top, right, bottom."""
+
+
 def render(scene: Scene, rng: random.Random, size: int = IMAGE_SIZE) -> Image.Image:
     """The scene with a random object size and position (the object always fully inside)."""
-    image = Image.new("RGB", (size, size), COLOURS[scene.background])
-    draw = ImageDraw.Draw(image)
+    return render_at(scene, random_box(rng, size), size)
+
+
+def random_box(rng: random.Random, size: int = IMAGE_SIZE) -> Box:
+    """A random square box for the object: 3/8 to 5/8 of the image wide, fully inside."""
     extent = rng.randint(size * 3 // 8, size * 5 // 8)
     left = rng.randint(size // 16, size - extent - size // 16)
     top = rng.randint(size // 16, size - extent - size // 16)
-    _draw_shape(draw, scene.shape, (left, top, left + extent, top + extent), COLOURS[scene.colour])
+    return (left, top, left + extent, top + extent)
+
+
+def render_at(scene: Scene, box: Box, size: int = IMAGE_SIZE) -> Image.Image:
+    """The scene with its object drawn in `box`."""
+    image = Image.new("RGB", (size, size), COLOURS[scene.background])
+    _draw_shape(ImageDraw.Draw(image), scene.shape, box, COLOURS[scene.colour])
     return image
+
+
+def silhouette(shape: str, box: Box, size: int = IMAGE_SIZE) -> Image.Image:
+    """Where a shape is: white where it is drawn in `box`, black elsewhere (RGB, as control images are)."""
+    image = Image.new("RGB", (size, size), (0, 0, 0))
+    _draw_shape(ImageDraw.Draw(image), shape, box, (255, 255, 255))
+    return image
+
+
+def box_held_out(box: Box) -> bool:
+    """One box in five (by position and size) is never trained on by the shapes ControlNet, to
+    measure its control on positions it never saw."""
+    return hashlib.sha256(repr(box).encode()).digest()[0] % 5 == 0
 
 
 def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int, int], fill) -> None:

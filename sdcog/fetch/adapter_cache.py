@@ -109,6 +109,9 @@ class FetchedAdapters:
 
     loras: tuple[FetchedLora, ...] = ()
     embeddings: tuple[FetchedEmbedding, ...] = ()
+    controlnets: tuple = ()
+    """The request's ControlNets, loaded (`sdcog.generate.controlnets.LoadedControlNet`), in slot
+    order; their cache holds and releases their files itself."""
 
     @property
     def sha256s(self) -> list[str]:
@@ -151,14 +154,29 @@ class AdapterCache:
             keep = frozenset(lora.file.sha256 for lora in loras) | {e.file.sha256 for e in embeddings}
             embeddings += self.fetch_embeddings(request.embeddings, tokens, keep=keep)
             adapters = FetchedAdapters(loras=tuple(loras), embeddings=tuple(embeddings))
-            with self._in_use_lock:
-                self._in_use.update(adapters.sha256s)
+            self._hold(adapters.sha256s)
         return adapters
+
+    def fetch_held(
+        self, kind: AdapterKind, reference: AdapterReference, token: str | None, keep: frozenset[str]
+    ) -> AdapterFile:
+        """One reference's file, held against eviction until `release_files` (as `fetch_for` holds)."""
+        with self._lock:
+            file = self.fetch(kind, reference, token, keep)
+            self._hold([file.sha256])
+        return file
+
+    def _hold(self, sha256s: Sequence[str]) -> None:
+        with self._in_use_lock:
+            self._in_use.update(sha256s)
 
     def release(self, adapters: FetchedAdapters) -> None:
         """The request that fetched `adapters` is done with them: they may be evicted again."""
+        self.release_files(adapters.sha256s)
+
+    def release_files(self, sha256s: Sequence[str]) -> None:
         with self._in_use_lock:  # not the fetch lock: the generation thread calls this
-            self._in_use.subtract(adapters.sha256s)
+            self._in_use.subtract(sha256s)
             self._in_use = +self._in_use  # drop the zeros
 
     def fetch_loras(

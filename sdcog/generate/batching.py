@@ -4,7 +4,8 @@ Cog's server runs up to `concurrency.max` predictions at once (cog.yaml); each h
 request and fetched adapters to `Batcher.submit` and awaits the job. One generation thread takes
 the oldest waiting job and, with batching on, every other waiting job that would build the same
 pipeline and the same tensor shapes (`batch_key`: mode, size, steps, scheduler, guidance,
-strength, number of images, safety checker, LoRAs and their scales, embeddings), up to the
+strength, number of images, safety checker, LoRAs and their scales, embeddings, ControlNets
+and their settings), up to the
 family's pixel budget, and runs them as one pipeline call (`Engine.generate_batch`). Other jobs
 wait their turn in arrival order.
 
@@ -83,6 +84,7 @@ def batch_key(request: GenerationRequest, adapters: FetchedAdapters) -> tuple:
         request.disable_safety_checker,
         tuple((lora.file.sha256, lora.scale) for lora in adapters.loras),
         tuple((embedding.file.sha256, embedding.token) for embedding in adapters.embeddings),
+        tuple((controlnet.hash, controlnet.control.key) for controlnet in adapters.controlnets),
     )
 
 

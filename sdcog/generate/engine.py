@@ -20,13 +20,14 @@ from typing import Any
 import diffusers
 import torch
 import transformers
-from diffusers import DiffusionPipeline
+from diffusers import DiffusionPipeline, MultiControlNetModel
 from PIL import Image
 
 from sdcog.fetch.adapter_cache import FetchedAdapters
 from sdcog.fetch.images import paste_back
 from sdcog.generate.batching import BatchFailed, Job
 from sdcog.generate.cancellation import CancelFlag, Cancelled, on_generation_thread
+from sdcog.generate.controlnets import LoadedControlNet
 from sdcog.generate.embeddings import ActiveEmbeddings, AppliedEmbedding, TextualInversions
 from sdcog.generate.generation import Generation
 from sdcog.generate.loras import LoraAdapters
@@ -80,8 +81,8 @@ class Engine:
     embeddings: TextualInversions
     prompts: PromptEncoder
     loras: LoraAdapters
-    pipeline_parameters: dict[Mode, frozenset[str]]
-    """Per mode, the names its pipeline class's constructor takes."""
+    pipeline_parameters: dict[tuple[Mode, bool], frozenset[str]]
+    """Per mode, plain and steered by ControlNets, the names its pipeline class's constructor takes."""
 
     @classmethod
     def around(
@@ -100,8 +101,11 @@ class Engine:
             prompts=PromptEncoder(pipeline),
             loras=LoraAdapters(pipeline),
             pipeline_parameters={
-                mode: frozenset(inspect.signature(pipeline_class(family, mode).__init__).parameters)
+                (mode, controlled): frozenset(
+                    inspect.signature(pipeline_class(family, mode, controlled).__init__).parameters
+                )
                 for mode in Mode
+                for controlled in (False, True)
             },
         )
 
@@ -239,8 +243,9 @@ class Engine:
         try:
             # 2. These requests' LoRAs, and no other's.
             applied_loras = shared.run(self.loras.activate, adapters.loras)
-            # 3. A pipeline of the requests' mode around the shared modules; VAE tiling by size.
-            pipeline = self._pipeline_for(request)
+            # 3. A pipeline of the requests' mode around the shared modules (with their ControlNets,
+            # for this call only); VAE tiling by size.
+            pipeline = self._pipeline_for(request, adapters.controlnets)
             self._choose_vae_tiling(request, sum(job.request.num_outputs for job in live))
         except Exception as error:  # the same for every job of the batch
             for job in live:
@@ -286,6 +291,7 @@ class Engine:
                 safety=self._safety_verdicts(None if flags is None else flags[rows], job),
                 loras=applied_loras,
                 embeddings=prompts[job].embeddings,
+                controlnets=list(job.adapters.controlnets),
             )
             if job.request.mode == Mode.INPAINT:
                 generation.images = self._paste_back(generation, job.request)
@@ -329,14 +335,21 @@ class Engine:
             prompts[job] = encoded
         return prompts, deferred
 
-    def _pipeline_for(self, request: GenerationRequest) -> DiffusionPipeline:
-        """A pipeline of the request's mode around the shared components, with its own scheduler.
+    def _pipeline_for(
+        self, request: GenerationRequest, controlnets: Sequence[LoadedControlNet] = ()
+    ) -> DiffusionPipeline:
+        """A pipeline of the request's mode around the shared components, with its own scheduler,
+        and the request's ControlNets (one, or diffusers' MultiControlNetModel of several).
 
         Image-to-image and inpainting reuse the loaded modules: no second copy of any weights.
         """
         loaded = self.pipeline
-        parameters = self.pipeline_parameters[request.mode]
+        controlled = bool(controlnets)
+        parameters = self.pipeline_parameters[(request.mode, controlled)]
         components = {name: module for name, module in loaded.components.items() if name in parameters}
+        if controlled:
+            models = [controlnet.model for controlnet in controlnets]
+            components["controlnet"] = models[0] if len(models) == 1 else MultiControlNetModel(models)
         components["scheduler"] = build_scheduler(
             request.scheduler, loaded.scheduler.config, request.num_inference_steps
         )
@@ -350,7 +363,9 @@ class Engine:
         if request.disable_safety_checker and components.get("safety_checker") is not None:
             components["safety_checker"] = None
             settings["requires_safety_checker"] = False
-        per_request = pipeline_class(self.family, request.mode)(**components, **settings)
+        if "add_watermarker" in parameters:
+            settings["add_watermarker"] = False  # as the plain SDXL pipelines here: no watermark
+        per_request = pipeline_class(self.family, request.mode, controlled)(**components, **settings)
         per_request.set_progress_bar_config(disable=True)
         return per_request
 
@@ -413,6 +428,8 @@ class Engine:
             arguments.update(image=per_image("init_image"), strength=request.prompt_strength)
         if request.mode == Mode.INPAINT:
             arguments.update(mask_image=per_image("mask_image"))
+        if request.controlnets:
+            arguments.update(_control_arguments(jobs))
         arguments.update(Prompts.joined(prompts))
         return arguments
 
@@ -486,14 +503,42 @@ class Prompts:
         return joined
 
 
-def pipeline_class(family: ModelFamily, mode: Mode) -> type[DiffusionPipeline]:
-    """The diffusers pipeline class that runs `mode` for `family`."""
+def pipeline_class(family: ModelFamily, mode: Mode, controlled: bool = False) -> type[DiffusionPipeline]:
+    """The diffusers pipeline class that runs `mode` for `family` (steered by ControlNets or not)."""
+    modes = (Mode.TEXT_TO_IMAGE, Mode.IMAGE_TO_IMAGE, Mode.INPAINT)
+    if controlled:
+        return getattr(diffusers, family.controlnet_pipeline_classes[modes.index(mode)])
     name = {
         Mode.TEXT_TO_IMAGE: family.pipeline_class,
         Mode.IMAGE_TO_IMAGE: family.img2img_pipeline_class,
         Mode.INPAINT: family.inpaint_pipeline_class,
     }[mode]
     return getattr(diffusers, name)
+
+
+def _control_arguments(jobs: list[Job]) -> dict[str, Any]:
+    """The ControlNet arguments of a call: each ControlNet's map (one job's, or one per job: diffusers
+    repeats a prompt's map for its `num_images_per_prompt` images), scale and start/end fractions.
+    The text-to-image pipelines take the maps as `image`; the others as `control_image`."""
+    request = jobs[0].request
+    maps = [
+        control.control_map if len(jobs) == 1 else [job.request.controlnets[slot].control_map for job in jobs]
+        for slot, control in enumerate(request.controlnets)
+    ]
+    single = len(maps) == 1
+    name = "image" if request.mode == Mode.TEXT_TO_IMAGE else "control_image"
+
+    def each(values: list) -> object:
+        return values[0] if single else values
+
+    return {
+        name: each(maps),
+        "controlnet_conditioning_scale": each(
+            [control.conditioning_scale for control in request.controlnets]
+        ),
+        "control_guidance_start": each([control.start for control in request.controlnets]),
+        "control_guidance_end": each([control.end for control in request.controlnets]),
+    }
 
 
 class _Stopped(Exception):

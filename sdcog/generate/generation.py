@@ -10,6 +10,7 @@ from PIL import Image
 from sdcog.generate.safety import SafetyVerdict
 
 if TYPE_CHECKING:
+    from sdcog.generate.controlnets import LoadedControlNet
     from sdcog.generate.embeddings import AppliedEmbedding
     from sdcog.generate.loras import AppliedLora
 
@@ -22,6 +23,8 @@ class Generation:
     loras: list[AppliedLora] = field(default_factory=list)
     embeddings: list[AppliedEmbedding] = field(default_factory=list)
     """The request's embeddings that its prompts used."""
+    controlnets: list[LoadedControlNet] = field(default_factory=list)
+    """The ControlNets that steered it, with their maps (`control.control_map`)."""
 
     @property
     def flagged(self) -> list[bool]:

@@ -24,6 +24,8 @@ class ModelFamily:
     """Name of the diffusers text-to-image pipeline class (the one the weights load with)."""
     img2img_pipeline_class: str
     inpaint_pipeline_class: str
+    controlnet_pipeline_classes: tuple[str, str, str]
+    """The same three modes steered by ControlNets: text-to-image, image-to-image, inpainting."""
     pixel_budget: int
     """Upper bound on width x height x num_outputs per request, so a request that would run out of
     GPU memory (on an 80 GB card, before VAE tiling) is refused before any work starts."""
@@ -37,6 +39,11 @@ SD1 = ModelFamily(
     pipeline_class="StableDiffusionPipeline",
     img2img_pipeline_class="StableDiffusionImg2ImgPipeline",
     inpaint_pipeline_class="StableDiffusionInpaintPipeline",
+    controlnet_pipeline_classes=(
+        "StableDiffusionControlNetPipeline",
+        "StableDiffusionControlNetImg2ImgPipeline",
+        "StableDiffusionControlNetInpaintPipeline",
+    ),
     pixel_budget=4 * 1024 * 1024,
     default_steps=30,
     default_guidance=7.5,
@@ -47,6 +54,11 @@ SD2 = ModelFamily(
     pipeline_class="StableDiffusionPipeline",
     img2img_pipeline_class="StableDiffusionImg2ImgPipeline",
     inpaint_pipeline_class="StableDiffusionInpaintPipeline",
+    controlnet_pipeline_classes=(
+        "StableDiffusionControlNetPipeline",
+        "StableDiffusionControlNetImg2ImgPipeline",
+        "StableDiffusionControlNetInpaintPipeline",
+    ),
     pixel_budget=4 * 1024 * 1024,
     default_steps=30,
     default_guidance=7.5,
@@ -57,6 +69,11 @@ SDXL = ModelFamily(
     pipeline_class="StableDiffusionXLPipeline",
     img2img_pipeline_class="StableDiffusionXLImg2ImgPipeline",
     inpaint_pipeline_class="StableDiffusionXLInpaintPipeline",
+    controlnet_pipeline_classes=(
+        "StableDiffusionXLControlNetPipeline",
+        "StableDiffusionXLControlNetImg2ImgPipeline",
+        "StableDiffusionXLControlNetInpaintPipeline",
+    ),
     pixel_budget=4 * 1536 * 1536,
     default_steps=30,
     default_guidance=7.0,

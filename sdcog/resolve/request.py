@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -24,6 +25,16 @@ from sdcog.errors import InputError
 from sdcog.fetch.adapter_references import AdapterReference, parse_reference
 from sdcog.fetch.images import SIZE_MULTIPLE, Outpaint, as_rgb, binary_mask, extend_canvas, round_to_multiple
 from sdcog.model.families import ModelFamily
+from sdcog.resolve.control import (
+    DEFAULT_CANNY_HIGH,
+    DEFAULT_CANNY_LOW,
+    SIZING_STRATEGIES,
+    ControlRequest,
+    ControlSlot,
+    canny_thresholds,
+    check_slots,
+    resolve_control,
+)
 from sdcog.resolve.schedulers import DEFAULT_SCHEDULER, SCHEDULER_NAMES
 from sdcog.write.infotext import JPEG_PROMPT_BYTES, prompt_lines_utf16_bytes
 
@@ -111,6 +122,10 @@ class GenerationRequest:
     """Skip the model's safety checker (models without one are never checked)."""
     loras: tuple[LoraRequest, ...] = ()
     embeddings: tuple[EmbeddingRequest, ...] = ()
+    controlnets: tuple[ControlRequest, ...] = ()
+    """The ControlNets steering it, in slot order (none: the plain pipeline, as before)."""
+    return_control_maps: bool = False
+    """Also return each ControlNet's preprocessed control map, after the images."""
 
     @property
     def seeds(self) -> list[int]:
@@ -212,16 +227,27 @@ def resolve_request(
     lora_scales: str | None = None,
     embeddings: str | None = None,
     replicate_weights: str | None = None,
+    controlnets: Sequence[ControlSlot] = (),
+    sizing_strategy: str = "auto",
+    canny_low_threshold: int = DEFAULT_CANNY_LOW,
+    canny_high_threshold: int = DEFAULT_CANNY_HIGH,
+    return_control_maps: bool = False,
 ) -> GenerationRequest:
     """Check every input and fill every default; raises InputError on the first broken rule.
 
     With `image` the request is image-to-image; with `mask` or `outpaint` as well, inpainting.
+    `controlnets` (up to three slots) steer any mode; `sizing_strategy` picks where the output size
+    comes from (see `sdcog.resolve.control.SIZING_STRATEGIES`).
     """
     family = model.family
     _check_prompt("prompt", prompt)
     if negative_prompt is not None:
         _check_prompt("negative_prompt", negative_prompt)
     outpaint = _check_outpaint(outpaint or Outpaint())
+    slots = check_slots(list(controlnets))
+    canny = canny_thresholds(canny_low_threshold, canny_high_threshold)
+    _require_type("return_control_maps", return_control_maps, (bool,), "true or false")
+    width, height = _sized_by(sizing_strategy, width, height, image, slots, model)
     if image is None:
         if mask is not None:
             raise InputError("mask", "needs an image to inpaint: send `image` as well")
@@ -237,6 +263,11 @@ def resolve_request(
         init_image, mask_image = _prepare_images(image, mask, outpaint, width, height)
         width, height = init_image.size
         mode = Mode.INPAINT if mask_image is not None else Mode.IMAGE_TO_IMAGE
+    controls = tuple(
+        resolve_control(index, slot, family.key, (width, height), canny) for index, slot in slots
+    )
+    if return_control_maps and not controls:
+        raise InputError("return_control_maps", "is set but no ControlNet is used (controlnet_1 ...)")
     num_outputs = _check_int("num_outputs", num_outputs, NUM_OUTPUTS_MIN, NUM_OUTPUTS_MAX)
     pixels = width * height * num_outputs
     if pixels > family.pixel_budget:
@@ -285,7 +316,44 @@ def resolve_request(
         disable_safety_checker=disable_safety_checker,
         loras=_replicate_weights(replicate_weights) + _resolve_loras(lora_weights, lora_scales),
         embeddings=_resolve_embeddings(embeddings),
+        controlnets=controls,
+        return_control_maps=return_control_maps,
     )
+
+
+def _sized_by(
+    strategy: str,
+    width: int | None,
+    height: int | None,
+    image: Image.Image | None,
+    slots: list[tuple[int, ControlSlot]],
+    model: ModelLimits,
+) -> tuple[int | None, int | None]:
+    """The width and height the sizing strategy asks for (None: by the rule without a strategy)."""
+    strategy = _check_choice("sizing_strategy", strategy, SIZING_STRATEGIES)
+    if strategy == "auto":
+        return width, height
+    if strategy == "width_height":
+        return (
+            _resolve_size("width", width, model.native_width),
+            _resolve_size("height", height, model.native_height),
+        )
+    if strategy == "input_image":
+        if image is None:
+            raise InputError("sizing_strategy", "is input_image but no image is given")
+        return None, None
+    source = strategy.removesuffix("_image")
+    control = next((slot.image for index, slot in slots if f"controlnet_{index + 1}" == source), None)
+    if control is None:
+        raise InputError("sizing_strategy", f"is {strategy} but {source} is not used")
+    size = (round_to_multiple(control.width), round_to_multiple(control.height))
+    if max(size) > SIZE_MAX or min(size) < SIZE_MIN:
+        raise InputError(
+            f"{source}_image",
+            f"is {control.width}x{control.height}: as the output size (sizing_strategy {strategy}) "
+            f"each side must be between {SIZE_MIN} and {SIZE_MAX}",
+        )
+    return size
 
 
 def _split_list(value: str) -> list[str]:

@@ -39,6 +39,7 @@ from sdcog.resolve.schedulers import SCHEDULERS
 from sdcog.write.infotext import format_infotext
 
 if TYPE_CHECKING:  # only a type here: loras imports diffusers, which encoding does not need
+    from sdcog.generate.controlnets import LoadedControlNet
     from sdcog.generate.embeddings import AppliedEmbedding
     from sdcog.generate.loras import AppliedLora
 
@@ -140,6 +141,7 @@ def generation_infotext(
     safety: SafetyVerdict | None = None,
     loras: Sequence[AppliedLora] = (),
     embeddings: Sequence[AppliedEmbedding] = (),
+    controlnets: Sequence[LoadedControlNet] = (),
 ) -> str:
     """The infotext of one image of `request`, generated from `seed` (`safety`: the checker's verdict;
     `loras`: the LoRAs applied, as AUTOMATIC1111's `Lora hashes`, with their scales; `embeddings`:
@@ -164,9 +166,28 @@ def generation_infotext(
         fields["Lora scales"] = ", ".join(f"{lora.name}: {lora.scale:g}" for lora in loras)
     if embeddings:
         fields["TI hashes"] = ", ".join(f"{embedding.name}: {embedding.hash}" for embedding in embeddings)
+    for index, controlnet in enumerate(controlnets):
+        fields[f"ControlNet {index}"] = controlnet_infotext(controlnet)
     fields["Safety checker"] = None if safety is None else safety.label
     fields["Version"] = f"sdcog {__version__}"
     return format_infotext(request.prompt, request.negative_prompt, fields)
+
+
+def controlnet_infotext(controlnet: LoadedControlNet) -> str:
+    """One ControlNet unit as AUTOMATIC1111's sd-webui-controlnet writes it (`Module`, `Model` with
+    its short hash, `Weight`, `Guidance Start`/`End`, Canny's thresholds as `Threshold A`/`B`)."""
+    control = controlnet.control
+    parts = {
+        "Module": control.preprocessor,
+        "Model": f"{control.name} [{controlnet.hash[:8]}]",
+        "Weight": f"{control.conditioning_scale:g}",
+        "Resize Mode": "Crop and Resize",
+        "Guidance Start": f"{control.start:g}",
+        "Guidance End": f"{control.end:g}",
+    }
+    if control.preprocessor == "canny":
+        parts["Threshold A"], parts["Threshold B"] = control.canny_thresholds
+    return ", ".join(f"{key}: {value}" for key, value in parts.items())
 
 
 def write_outputs(
@@ -187,17 +208,36 @@ def write_outputs(
             request.output_format,
             request.output_quality,
             generation_infotext(
-                request, request.seeds[index], model_name, verdicts[index], loras, embeddings
+                request,
+                request.seeds[index],
+                model_name,
+                verdicts[index],
+                loras,
+                embeddings,
+                generation.controlnets,
             ),
             exact,
         )
 
     if len(images) != len(request.seeds) or len(verdicts) != len(images):
         raise ValueError(f"{len(images)} images for {len(request.seeds)} seeds and {len(verdicts)} verdicts")
+    maps = write_control_maps(generation, request, directory) if request.return_control_maps else []
     if len(images) == 1:
-        return [encode(0)]
+        return [encode(0), *maps]
     with ThreadPoolExecutor(min(ENCODER_THREADS, len(images)), thread_name_prefix="encode") as pool:
-        return list(pool.map(encode, range(len(images))))
+        return list(pool.map(encode, range(len(images)))) + maps
+
+
+def write_control_maps(generation: Generation, request: GenerationRequest, directory: Path) -> list[Path]:
+    """Each ControlNet's map as the model read it, `control-<slot>.png` (lossless: a map's edges
+    are what the user checks), with what made it in its metadata."""
+    paths = []
+    for controlnet in generation.controlnets:
+        control = controlnet.control
+        path = directory / f"control-{control.field.removeprefix('controlnet_')}.png"
+        text = f"{control.field} map: {controlnet_infotext(controlnet)}"
+        paths.append(save_image(control.control_map, path, "png", 100, text))
+    return paths
 
 
 class OutputDirectory:
