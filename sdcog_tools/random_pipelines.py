@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from diffusers import (
     AutoencoderKL,
+    ControlNetModel,
     DiffusionPipeline,
     EulerDiscreteScheduler,
     PNDMScheduler,
@@ -421,3 +422,34 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def random_controlnet(
+    unet: UNet2DConditionModel,
+    seed: int = 0,
+    conditioning: tuple[int, ...] = (16, 32, 96, 256),
+    **overrides: Any,
+) -> ControlNetModel:
+    """A ControlNet for `unet` with random weights that steer: diffusers' `from_unet` architecture
+    (`overrides` change it, e.g. fewer transformer layers for a small one), its zero convolutions
+    (which make a fresh ControlNet a no-op) drawn at random too."""
+    torch.manual_seed(seed)
+    if overrides:
+        config = dict(
+            ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=conditioning).config
+        )
+        config.update(overrides)
+        controlnet = ControlNetModel.from_config({k: v for k, v in config.items() if not k.startswith("_")})
+    else:
+        controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=conditioning)
+    zero_convs = [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block]
+    for module in [*zero_convs, controlnet.controlnet_cond_embedding.conv_out]:
+        torch.nn.init.normal_(module.weight, std=0.05)
+    return controlnet.eval()
+
+
+def save_controlnet(pipeline_dir: Path, out_dir: Path, seed: int = 0) -> Path:
+    """A random ControlNet for the pipeline in `pipeline_dir`, saved in diffusers format in `out_dir`."""
+    unet = UNet2DConditionModel.from_pretrained(Path(pipeline_dir) / "unet")
+    random_controlnet(unet, seed).save_pretrained(out_dir, safe_serialization=True)
+    return Path(out_dir)

@@ -144,6 +144,20 @@ def background_and_foreground(image: Image.Image) -> tuple[np.ndarray, np.ndarra
     return background_rgb, distance > 80
 
 
+def object_region(image: Image.Image) -> np.ndarray:
+    """The drawn object's pixels (the largest region that differs from the background), as
+    `judge` finds them."""
+    return _largest_region(background_and_foreground(image)[1])
+
+
+def overlap(image: Image.Image, requested: Image.Image) -> float:
+    """How well the drawn object covers the requested region (white in `requested`): their IoU."""
+    drawn = object_region(image)
+    wanted = np.asarray(requested.convert("L")) > 127
+    union = (drawn | wanted).sum()
+    return float((drawn & wanted).sum() / union) if union else 0.0
+
+
 def _largest_region(mask: np.ndarray) -> np.ndarray:
     labels, count = ndimage.label(mask)
     if count <= 1:

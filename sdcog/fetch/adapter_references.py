@@ -45,7 +45,9 @@ class AdapterKind:
 
 LORA = AdapterKind("lora_weights", "pytorch_lora_weights.safetensors", "lora.safetensors")
 EMBEDDING = AdapterKind("embeddings", "learned_embeds.safetensors", "embeddings.pti")
-_GENERIC_FILES = {LORA.hf_file, EMBEDDING.hf_file}
+DIFFUSERS_MODEL_FILE = "diffusion_pytorch_model.safetensors"
+"""A diffusers model's weights file (a ControlNet repository's), generic as the two above."""
+_GENERIC_FILES = {LORA.hf_file, EMBEDDING.hf_file, DIFFUSERS_MODEL_FILE}
 
 _NAME = r"[A-Za-z0-9][A-Za-z0-9._-]*"
 _HF = re.compile(

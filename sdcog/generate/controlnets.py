@@ -40,6 +40,7 @@ from safetensors.torch import load_file
 
 from sdcog.errors import InputError
 from sdcog.fetch.adapter_cache import AdapterCache, AdapterFile, adapter_tokens
+from sdcog.fetch.adapter_references import DIFFUSERS_MODEL_FILE as WEIGHTS_FILE
 from sdcog.fetch.adapter_references import AdapterKind, hf_endpoint
 from sdcog.fetch.input_files import fetch_url_to
 from sdcog.model.safetensors_files import sha256_of
@@ -58,7 +59,6 @@ CACHE_DIR_ENV = "SDCOG_CONTROLNET_CACHE"
 CACHE_GB_ENV = "SDCOG_CONTROLNET_CACHE_GB"
 MAX_MB_ENV = "SDCOG_MAX_CONTROLNET_MB"
 LOADED_ENV = "SDCOG_CONTROLNETS_LOADED"
-WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
 CONFIG_FILE = "config.json"
 _ORIGINAL_PREFIX = "control_model."
 _FAMILY_BY_CROSS_ATTENTION = {768: "Stable Diffusion 1.x", 1024: "Stable Diffusion 2.x"}
@@ -85,7 +85,9 @@ def describe_family(config: Mapping) -> str:
     """The model family a ControlNet (or UNet) configuration belongs to, in words."""
     if config.get("addition_embed_type") == "text_time":
         return "Stable Diffusion XL"
-    return _FAMILY_BY_CROSS_ATTENTION.get(config.get("cross_attention_dim"), "another model")
+    return _FAMILY_BY_CROSS_ATTENTION.get(
+        config.get("cross_attention_dim"), "a Stable Diffusion 1.x/2.x-like model"
+    )
 
 
 _MUST_MATCH = ("cross_attention_dim", "block_out_channels", "layers_per_block")
@@ -281,10 +283,27 @@ def _load(control: ControlRequest, weights: Path, config: dict, dtype: torch.dty
     try:
         model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as error:
-        missing = len(set(model.state_dict()) - set(state))
+        theirs, ours = describe_family(_config_from_tensors(state)), describe_family(config)
+        if theirs != ours:
+            raise InputError(
+                control.field,
+                f"{control.name} is a ControlNet for {theirs}; this model is {ours}: choose a "
+                "ControlNet made for this model's family",
+            ) from error
+        wrong = len(set(model.state_dict()) ^ set(state))
         raise InputError(
             control.field,
-            f"{control.name} is not a ControlNet for this model ({missing} of its tensors are missing "
-            f"or shaped otherwise): {str(error).splitlines()[0][:200]}",
+            f"{control.name} is not a ControlNet for this model ({wrong} tensor names differ from a "
+            f"ControlNet's for it): {str(error).splitlines()[0][:200]}",
         ) from error
     return model
+
+
+def _config_from_tensors(state: Mapping[str, torch.Tensor]) -> dict:
+    """What the tensors tell of the family they were trained for: SDXL's added embeddings (diffusers'
+    `add_embedding`, the original `label_emb`), and the text width the cross-attention reads."""
+    xl = any(key.startswith(("add_embedding.", "label_emb.")) for key in state)
+    width = next(
+        (tensor.shape[1] for key, tensor in state.items() if key.endswith("attn2.to_k.weight")), None
+    )
+    return {"addition_embed_type": "text_time" if xl else None, "cross_attention_dim": width}
