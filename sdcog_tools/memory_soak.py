@@ -3,7 +3,9 @@
 Starts Cog's real HTTP server (as `script/serve` does) on a model, sends N consecutive
 predictions that cycle through sizes, schedulers, batch sizes, output formats and modes
 (text-to-image, image-to-image, inpainting, outpainting, and refused inputs, whose error paths
-can leak too), and samples the resident memory of the server's prediction worker after each:
+can leak too), every other one steered by ControlNets (one, or two with their maps returned: by
+default the bundled shapes-silhouette ControlNet, `--controlnet none` leaves them out), and
+samples the resident memory of the server's prediction worker after each:
 
     script/memory-soak [--count 200] [--warmup 40] [--max-growth 5] [--json soak.json]
                        [--weights DIR] [--env MALLOC_ARENA_MAX=2]
@@ -44,6 +46,7 @@ import psutil
 from PIL import Image, ImageDraw
 
 from sdcog.model.weights import BUNDLED_MODEL_DIR, PROJECT_ROOT, WEIGHTS_ENV
+from sdcog.resolve.control import BUNDLED_CONTROLNET
 from sdcog.resolve.schedulers import SCHEDULER_NAMES
 from sdcog_tools.cog_schema import write_schema
 from sdcog_tools.cog_server import CogServer, running_server
@@ -95,13 +98,20 @@ class Planned:
     """The output size asked for (an outpainted canvas may come out a little larger)."""
     expected_error: str | None = None
     """For a refused input: a fragment the failed prediction's error must contain."""
+    control_maps: int = 0
+    """Control maps returned after the images (return_control_maps)."""
+
+    @property
+    def controlnets(self) -> int:
+        return sum(1 for slot in (1, 2, 3) if f"controlnet_{slot}" in self.inputs)
 
     def describe(self) -> str:
         if self.mode == REFUSED:
             return f"refused ({self.expected_error})"
+        steered = f" +{self.controlnets} ControlNet" if self.controlnets else ""
         return (
             f"{self.mode} {self.size[0]}x{self.size[1]} x{self.num_outputs} {self.inputs['scheduler']} "
-            f"{self.inputs['num_inference_steps']} steps {self.inputs['output_format']}"
+            f"{self.inputs['num_inference_steps']} steps {self.inputs['output_format']}{steered}"
         )
 
 
@@ -142,12 +152,22 @@ def _refused(position: int) -> tuple[dict[str, Any], str]:
     return refused[position % len(refused)]
 
 
-def _generated(k: int) -> Planned:
+def _silhouette(width: int, height: int, variant: int) -> Image.Image:
+    """Where the object goes, as the bundled ControlNet reads it: white on black."""
+    image = Image.new("RGB", (width, height))
+    left, top = (variant * 7) % max(1, width // 2), (variant * 5) % max(1, height // 2)
+    ImageDraw.Draw(image).ellipse((left, top, left + width // 2, top + height // 2), fill=(255, 255, 255))
+    return image
+
+
+def _generated(k: int, controlnet: str | None = BUNDLED_CONTROLNET) -> Planned:
     """Generated prediction `k` (0-35) of the cycle, without its prompt and seed.
 
     The mode follows k mod 4 and the size k mod 9, so the 36 cover every mode at every size; the
     batch size is the same for 9 in a row (each size once); the scheduler follows k mod 18, so
-    every scheduler runs twice, in two different modes.
+    every scheduler runs twice, in two different modes. With `controlnet`, every other one is
+    steered by it (k + k // 4 odd: alternating with unsteered ones, each mode both ways); those in
+    the second and fourth eight by two of it, at other scales and windows, with their maps returned.
     """
     mode = MODES[k % len(MODES)]
     width, height = SIZES[k % len(SIZES)]
@@ -184,15 +204,30 @@ def _generated(k: int) -> Planned:
             outpaint_bottom=extra_height - extra_height // 2,
             prompt_strength=1.0,
         )
+    maps = 0
+    if controlnet is not None and (k + k // 4) % 2 == 1:
+        inputs.update(
+            controlnet_1=controlnet, controlnet_1_image=_png_data_uri(_silhouette(width, height, k))
+        )
+        if (k // 8) % 2 == 1:
+            inputs.update(
+                controlnet_2=controlnet,
+                controlnet_2_image=_png_data_uri(_silhouette(width + 16, height, k + 1)),
+                controlnet_2_conditioning_scale=0.5,
+                controlnet_2_start=0.2,
+                controlnet_2_end=0.8,
+                return_control_maps=True,
+            )
+            maps = 2
     # Image modes leave width and height out: the output follows the image.
-    return Planned(-1, mode, inputs, num_outputs, (width, height))
+    return Planned(-1, mode, inputs, num_outputs, (width, height), control_maps=maps)
 
 
-def build_cycle() -> list[Planned]:
+def build_cycle(controlnet: str | None = BUNDLED_CONTROLNET) -> list[Planned]:
     """The CYCLE_LENGTH predictions, in order: 9 generated, 1 refused, four times."""
     cycle: list[Planned] = []
     for k in range(GENERATED_PER_CYCLE):
-        cycle.append(_generated(k))
+        cycle.append(_generated(k, controlnet))
         if (k + 1) % REFUSED_EVERY == 0:
             inputs, expected = _refused(k // REFUSED_EVERY)
             cycle.append(Planned(-1, REFUSED, inputs, expected_error=expected))
@@ -200,9 +235,9 @@ def build_cycle() -> list[Planned]:
     return cycle
 
 
-def plan(count: int) -> list[Planned]:
+def plan(count: int, controlnet: str | None = BUNDLED_CONTROLNET) -> list[Planned]:
     """The first `count` predictions of the soak: the cycle repeated, with a new seed and prompt each."""
-    cycle = build_cycle()
+    cycle = build_cycle(controlnet)
     planned = []
     for index in range(count):
         planned_in_cycle = cycle[index % len(cycle)]
@@ -342,8 +377,8 @@ def check_outcome(planned: Planned, status_code: int, body: Mapping[str, Any]) -
     if status != "succeeded":
         return f"ended {status!r}: {error}"
     outputs = body.get("output") or []
-    if len(outputs) != planned.num_outputs:
-        return f"{len(outputs)} outputs, expected {planned.num_outputs}"
+    if len(outputs) != planned.num_outputs + planned.control_maps:
+        return f"{len(outputs)} outputs, expected {planned.num_outputs + planned.control_maps}"
     return None
 
 
@@ -354,6 +389,7 @@ def run_soak(
     warmup: int = CYCLE_LENGTH,
     server_env: Mapping[str, str] | None = None,
     on_sample: Callable[[Sample], None] | None = None,
+    controlnet: str | None = BUNDLED_CONTROLNET,
 ) -> SoakRecord:
     """Send the first `count` planned predictions to `server`, sampling memory after each."""
     started = time.perf_counter()
@@ -370,7 +406,7 @@ def run_soak(
         baseline={"worker_rss_mib": before.worker_rss_mib, "tree_rss_mib": before.tree_rss_mib},
         platform=platform_info(),
     )
-    for planned in plan(count):
+    for planned in plan(count, controlnet):
         sent = time.perf_counter()
         response = server.predict(planned.inputs)
         seconds = time.perf_counter() - sent
@@ -535,6 +571,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="NAME=VALUE",
         help="an environment variable for the server and its worker, e.g. MALLOC_ARENA_MAX=2 (repeatable)",
     )
+    parser.add_argument(
+        "--controlnet",
+        default=None,
+        help="the ControlNet every other prediction uses (a name or reference; default: the bundled "
+        "shapes-silhouette on the bundled model, none on others; none leaves them out)",
+    )
     parser.add_argument("--every", type=int, default=TABLE_EVERY, help="print a row every N predictions (20)")
     arguments = parser.parse_args(argv)
     if arguments.count < arguments.warmup + 2:
@@ -547,6 +589,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not (weights_dir / "model_index.json").is_file():
         parser.error(f"{weights_dir} is not a diffusers pipeline directory (no model_index.json)")
 
+    controlnet = arguments.controlnet
+    if controlnet is None:
+        controlnet = BUNDLED_CONTROLNET if weights_dir == BUNDLED_MODEL_DIR.resolve() else "none"
+    controlnet = None if controlnet == "none" else controlnet
     write_schema(SCHEMA_PATH)
     print(
         f"memory-soak: {arguments.count} predictions on {weights_dir}, warm-up {arguments.warmup} "
@@ -571,6 +617,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             warmup=arguments.warmup,
             server_env=server_env,
             on_sample=show,
+            controlnet=controlnet,
         )
     worker = record.worker
     print(f"worker: pid {worker['pid']} `{worker['cmdline']}` ({worker['evidence']})")

@@ -39,6 +39,12 @@ def test_one_cycle_runs_every_mode_at_every_size_every_scheduler_and_refused_inp
     assert {planned.inputs["output_format"] for planned in generated} == {"webp", "png", "jpg"}
     refused = [planned for planned in cycle if planned.mode == REFUSED]
     assert len({planned.expected_error for planned in refused}) == len(refused) == 4
+    # every other one steered by ControlNets, in every mode; some by two, their maps returned
+    steered = [planned for planned in generated if planned.controlnets]
+    assert len(steered) == len(generated) // 2 and {planned.mode for planned in steered} == set(MODES)
+    assert {planned.controlnets for planned in steered} == {1, 2}
+    assert all(planned.control_maps == 2 for planned in steered if planned.controlnets == 2)
+    assert not any(planned.controlnets for planned in plan(CYCLE_LENGTH, controlnet=None))
     for planned in generated:
         assert all(side % 8 == 0 and 64 <= side <= 192 for side in planned.size)
         assert 2 <= planned.inputs["num_inference_steps"] <= 6
