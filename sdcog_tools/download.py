@@ -1,36 +1,160 @@
-"""`script/download-weights`: fetch a diffusers pipeline from the Hugging Face hub into weights/."""
+"""`script/download-weights`: fetch a diffusers pipeline from the Hugging Face hub into weights/,
+and bake ControlNets (`--controlnet NAME`) and preprocessor weights (`--preprocessor depth`) into
+controlnets/, where setup() finds them offline (see sdcog/generate/controlnets.py)."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
+import tempfile
 from pathlib import Path
 
-from sdcog.model.weights import DEFAULT_MODEL_ID, DEFAULT_WEIGHTS_DIR, WeightsError, download_pipeline
+from sdcog.errors import InputError
+from sdcog.fetch.adapter_references import DIFFUSERS_MODEL_FILE, hf_endpoint
+from sdcog.fetch.control_maps import DEPTH, PREPROCESSORS_DIR
+from sdcog.fetch.input_files import fetch_url_to
+from sdcog.generate.controlnets import BAKED_CONTROLNETS_DIR, CONFIG_FILE, baked_dir
+from sdcog.model.families import detect_family
+from sdcog.model.safetensors_files import NotSafetensors, read_header
+from sdcog.model.weights import (
+    DEFAULT_MODEL_ID,
+    DEFAULT_WEIGHTS_DIR,
+    WeightsError,
+    download_pipeline,
+    resolve_weights_dir,
+)
 from sdcog.model.weights_check import inspect_weights
+from sdcog.resolve.control import CONTROLNETS
+
+DEPTH_REPOSITORY = "depth-anything/Depth-Anything-V2-Small-hf"
+"""The depth estimator baked by `--preprocessor depth` (Apache-2.0, 25 M parameters, transformers' own)."""
+FP16_FILE = "diffusion_pytorch_model.fp16.safetensors"
+NO_LIMIT = 100 * 10**9
+
+
+class DownloadError(RuntimeError):
+    pass
+
+
+def _fetch(repository: str, name: str, out: Path, token: str | None) -> Path:
+    """One file of a Hugging Face repository (HF_ENDPOINT honoured), written whole or not at all."""
+    from huggingface_hub import hf_hub_url
+
+    url = hf_hub_url(repository, name, endpoint=hf_endpoint())
+    headers = {"Authorization": f"Bearer {token}"} if token else None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=out.parent, prefix=f".{out.name}.", delete=False) as partial:
+        try:
+            fetch_url_to(partial, "download", url, NO_LIMIT, headers=headers)
+        except BaseException:
+            Path(partial.name).unlink(missing_ok=True)
+            raise
+    os.replace(partial.name, out)
+    return out
+
+
+def _verified_safetensors(path: Path) -> None:
+    try:
+        read_header(path)
+    except NotSafetensors as error:
+        path.unlink(missing_ok=True)
+        raise DownloadError(
+            f"{path.name} is not a whole safetensors file ({error}); nothing was kept"
+        ) from error
+
+
+def controlnet_repository(name: str, family_key: str) -> str:
+    """The repository of a ControlNet name for a family, or the repository given."""
+    known = CONTROLNETS.get(name.lower())
+    if known is None:
+        return name.removeprefix("https://huggingface.co/").removeprefix("huggingface.co/").strip("/")
+    repository = known.repositories.get(family_key)
+    if repository is None:
+        raise DownloadError(f"{name} has no ControlNet for {family_key} models here")
+    return repository
+
+
+def bake_controlnet(
+    name: str, family_key: str, root: Path = BAKED_CONTROLNETS_DIR, token: str | None = None
+) -> Path:
+    """The ControlNet's config.json and weights (fp16 when the repository has them) in
+    controlnets/<owner>--<repo>/, where setup() reads it instead of fetching it."""
+    repository = controlnet_repository(name, family_key)
+    directory = baked_dir(repository, root)
+    _fetch(repository, CONFIG_FILE, directory / CONFIG_FILE, token)
+    config = json.loads((directory / CONFIG_FILE).read_text())
+    if config.get("_class_name") != "ControlNetModel":
+        raise DownloadError(
+            f"{repository} is not a diffusers ControlNet (its config names {config.get('_class_name')!r})"
+        )
+    for weights in (FP16_FILE, DIFFUSERS_MODEL_FILE):
+        try:
+            path = _fetch(repository, weights, directory / weights, token)
+        except InputError:
+            continue
+        _verified_safetensors(path)
+        return directory
+    raise DownloadError(f"{repository} has neither {FP16_FILE} nor {DIFFUSERS_MODEL_FILE}")
+
+
+def bake_preprocessor(name: str, root: Path = PREPROCESSORS_DIR, token: str | None = None) -> Path:
+    """A preprocessor's weights (transformers format) in controlnets/preprocessors/<name>/."""
+    if name != DEPTH:
+        raise DownloadError(f"no preprocessor named {name!r} needs weights (only {DEPTH} does)")
+    directory = root / name
+    for file in ("config.json", "preprocessor_config.json", "model.safetensors"):
+        _fetch(DEPTH_REPOSITORY, file, directory / file, token)
+    _verified_safetensors(directory / "model.safetensors")
+    return directory
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="script/download-weights", description=__doc__)
     parser.add_argument(
-        "model_id", nargs="?", default=DEFAULT_MODEL_ID, help=f"hub repo id (default {DEFAULT_MODEL_ID})"
+        "model_id",
+        nargs="?",
+        default=None,
+        help=f"hub repo id (default {DEFAULT_MODEL_ID}, unless only extras are asked for)",
     )
     parser.add_argument("--revision", default=None, help="branch, tag or commit (default: main)")
     parser.add_argument(
         "--dest", type=Path, default=DEFAULT_WEIGHTS_DIR, help="target directory (default weights/)"
     )
+    parser.add_argument(
+        "--controlnet",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help=f"bake a ControlNet into the image: a name ({', '.join(CONTROLNETS)}) for the model's family, "
+        "or a Hugging Face repository in diffusers format (repeatable)",
+    )
+    parser.add_argument(
+        "--preprocessor", action="append", default=[], choices=[DEPTH], help="bake a preprocessor's weights"
+    )
     args = parser.parse_args(argv)
+    token = os.environ.get("HF_TOKEN")
     try:
-        directory = download_pipeline(
-            args.model_id, args.dest, args.revision, token=os.environ.get("HF_TOKEN")
-        )
-        info = inspect_weights(directory)
-    except WeightsError as error:
+        if args.model_id is not None or not (args.controlnet or args.preprocessor):
+            model_id = args.model_id or DEFAULT_MODEL_ID
+            directory = download_pipeline(model_id, args.dest, args.revision, token=token)
+            info = inspect_weights(directory)
+            print(
+                f"{model_id} ({info.variant or 'full precision'}) is in {directory}; "
+                "setup() loads it from there."
+            )
+        if args.controlnet:
+            weights = resolve_weights_dir()
+            family = detect_family(weights)
+            for name in args.controlnet:
+                baked = bake_controlnet(name, family.key, token=token)
+                print(f"ControlNet {name} for {family.label} ({weights.name}) is in {baked}.")
+        for name in args.preprocessor:
+            print(f"the {name} preprocessor's weights are in {bake_preprocessor(name, token=token)}.")
+    except (WeightsError, DownloadError, InputError) as error:
         print(f"download-weights: {error}", file=sys.stderr)
         return 1
-    variant = info.variant or "full precision"
-    print(f"{args.model_id} ({variant}) is in {directory}; setup() loads it from there.")
     return 0
 
 

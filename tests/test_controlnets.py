@@ -360,3 +360,29 @@ def test_the_control_maps_come_back_after_the_images_and_the_metadata_names_each
     unit = fields["ControlNet 0"]
     assert "Module: canny" in unit and "Weight: 0.7" in unit and "Guidance Start: 0.1" in unit
     assert f"[{loaded[0].hash[:8]}]" in unit and "Threshold A: 100" in unit
+
+
+def test_download_weights_bakes_a_controlnet_that_requests_then_read_without_fetching(
+    sd15, server, controlnet_dirs, tmp_path, monkeypatch
+):
+    from sdcog_tools.download import DownloadError, bake_controlnet
+
+    monkeypatch.setenv("HF_ENDPOINT", server.url)
+    baked = bake_controlnet(f"huggingface.co/{REPOSITORY}", "sd1", root=tmp_path / "baked")
+    assert baked == baked_dir(REPOSITORY, tmp_path / "baked")
+    # The repository has no fp16 file: the full one is taken, whole and verified.
+    assert sorted(path.name for path in baked.iterdir()) == [
+        "config.json",
+        "diffusion_pytorch_model.safetensors",
+    ]
+    controlnets = ControlNets(
+        sd15.pipeline.unet,
+        torch.float32,
+        torch.device("cpu"),
+        AdapterCache(tmp_path / "c", 10**9, 10**8),
+        baked=tmp_path / "baked",
+    )
+    run(sd15, controlnets, [ControlSlot(f"huggingface.co/{REPOSITORY}", edges())])
+    assert controlnets.cache.downloads == 0
+    with pytest.raises(DownloadError, match="no ControlNet for sdxl"):
+        bake_controlnet("lineart", "sdxl", root=tmp_path / "baked")
