@@ -291,6 +291,13 @@ BAD_EMBEDDINGS = BAD_LORA_REFERENCES | st.sampled_from(
         " ".join(f"w{index}=owner/x" for index in range(9)),
     ]
 )
+CONTROLNET_MODELS = ("controlnet_1", "controlnet_2", "controlnet_3")
+CONTROLNET_IMAGES = tuple(f"{name}_image" for name in CONTROLNET_MODELS)
+NO_CONTROLNETS = st.sampled_from(["", " ", "none"])
+"""The only valid ControlNet inputs without a control image (real ones: tests/test_controlnets.py and
+tests/test_controlnet_http.py)."""
+BAD_CONTROLNETS = st.sampled_from(["cany", "shapes silhouette", "a-controlnet", "ftp:x"])
+"""Neither a name nor a reference: refused naming the slot before anything else is read."""
 LONE_SURROGATE = st.builds(
     lambda text, char: text + char, st.text(max_size=10), st.sampled_from(["\ud800", "\udfff"])
 )
@@ -410,6 +417,8 @@ def invalid_value(name: str, prop: dict[str, Any]) -> st.SearchStrategy[Any]:
         options.append(BAD_LORA_REFERENCES)
     if name == EMBEDDINGS:
         options.append(BAD_EMBEDDINGS)
+    if name in CONTROLNET_MODELS:
+        options.append(BAD_CONTROLNETS)
     if name == LORA_SCALES:  # refused when lora_weights names no LoRA, as in a valid input
         options.append(st.sampled_from(["1", "strong", "9", "-5", "1, 2, 3, 4, 5", "nan"]))
     return st.one_of(options)
@@ -419,6 +428,16 @@ def valid_value(name: str, prop: dict[str, Any]) -> st.SearchStrategy[Any]:
     """Cheap values of `name` valid in any mode (files, steps, strength and outpainting aside)."""
     if name in SIZE_FIELDS:
         return VALID_SIDE
+    if name in CONTROLNET_MODELS:
+        return NO_CONTROLNETS
+    if name == "sizing_strategy":  # the others need an input or a control image
+        return st.sampled_from(["auto", "width_height"])
+    if name == "return_control_maps":  # refused without a ControlNet
+        return st.just(False)
+    if name == "canny_low_threshold":  # at most the high threshold
+        return st.integers(1, 128)
+    if name == "canny_high_threshold":
+        return st.integers(128, 255)
     if "enum" in prop:
         return st.sampled_from(prop["enum"])
     json_type = prop["type"]
@@ -446,7 +465,7 @@ UNKNOWN_KEYS = st.dictionaries(st.text(min_size=1, max_size=12), ANY_JSON, max_s
 def valid_inputs(draw, properties: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """A valid, cheap input: txt2img, img2img, inpainting or outpainting, optional fields omitted
     at random, now and then with unknown fields (which Cog drops)."""
-    special = {STEPS, STRENGTH, *FILE_FIELDS, *OUTPAINT_FIELDS}
+    special = {STEPS, STRENGTH, *FILE_FIELDS, *OUTPAINT_FIELDS, *CONTROLNET_IMAGES}
     optional = {name: valid_value(name, prop) for name, prop in properties.items() if name not in special}
     inputs = draw(st.fixed_dictionaries({}, optional=optional))
     steps = inputs[STEPS] = draw(st.integers(1, 3))
@@ -540,6 +559,12 @@ def curated_invalid_inputs() -> list[tuple[dict[str, Any], set[str]]]:
         ({**base, "output_format": "gif"}, {"output_format"}),
         ({**base, STRENGTH: 1.0000001}, {STRENGTH}),
         ({**base, OUTPAINT_FIELDS[0]: -8}, {OUTPAINT_FIELDS[0]}),
+        ({**base, "controlnet_1": "cany"}, {"controlnet_1"}),
+        ({**base, "controlnet_2_image": image_uri(64, 64)}, {"controlnet_2_image"}),
+        ({**base, "controlnet_1": "shapes-silhouette"}, {"controlnet_1_image"}),
+        ({**base, "sizing_strategy": "controlnet_3_image"}, {"sizing_strategy"}),
+        ({**base, "return_control_maps": True}, {"return_control_maps"}),
+        ({**base, "canny_low_threshold": 250}, {"canny_low_threshold"}),
     ]
     return cases
 

@@ -30,6 +30,7 @@ from test_workflows import dockerignore_patterns, ignored
 
 from sdcog_tools.cog_schema import write_schema
 from sdcog_tools.cog_server import running_server
+from sdcog_tools.shapes import silhouette
 
 ROOT = Path(__file__).resolve().parent.parent
 COG_SDK = ("cog", "coglet")  # what `cog build` installs besides python_requirements
@@ -246,6 +247,12 @@ def _libraries_loaded(session: int) -> set[Path]:
     return files
 
 
+def _silhouette_uri() -> str:
+    buffer = io.BytesIO()
+    silhouette("circle", (20, 20, 50, 50)).save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
 def test_the_environment_serves_a_prediction_with_the_bundled_model(venv, build_context, schema_file):
     assert schema_file.is_file()
     # running_server starts the server with this interpreter and puts its directory first on PATH,
@@ -262,6 +269,11 @@ def test_the_environment_serves_a_prediction_with_the_bundled_model(venv, build_
                 "num_inference_steps": 2,
                 "output_format": "png",
                 "seed": 1,
+                # the bundled ControlNet ships in the image, and OpenCV (Canny) runs in it
+                "controlnet_1": "shapes-silhouette",
+                "controlnet_1_image": _silhouette_uri(),
+                "controlnet_1_preprocessor": "canny",
+                "return_control_maps": True,
             }
         )
         loaded = {path for path in _libraries_loaded(server.process.pid) if "libtorch" in path.name}
@@ -272,6 +284,8 @@ def test_the_environment_serves_a_prediction_with_the_bundled_model(venv, build_
     assert header == "data:image/png;base64"
     with Image.open(io.BytesIO(base64.b64decode(payload))) as image:
         assert (image.format, image.size) == ("PNG", (64, 64))
+        assert "Module: canny, Model: shapes-silhouette" in image.info["parameters"]
+    assert len(body["output"]) == 2  # the image, then the Canny map
     # the worker ran on the runtime environment's torch, not the development .venv's
     assert loaded and all(venv.resolve() in path.resolve().parents for path in loaded), loaded
 

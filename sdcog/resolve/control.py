@@ -157,9 +157,25 @@ def canny_thresholds(low: object, high: object) -> tuple[int, int]:
     return low, high
 
 
-def check_slots(slots: list[ControlSlot]) -> list[tuple[int, ControlSlot]]:
-    """The slots in use (a model given), each checked but for its image's size; refusals name the
-    slot's input. A slot with an image or settings but no model is refused too."""
+@dataclass(frozen=True)
+class CheckedSlot:
+    """A slot in use, its ControlNet named and its settings checked (its image not yet sized)."""
+
+    index: int
+    slot: ControlSlot
+    label: str
+    reference: AdapterReference | None
+    preprocessor: str
+
+    @property
+    def field(self) -> str:
+        return slot_field(self.index)
+
+
+def check_slots(slots: list[ControlSlot], family_key: str) -> list[CheckedSlot]:
+    """The slots in use (a ControlNet named), each checked for a model of `family_key`: its name or
+    reference first, then its image's presence and its settings; refusals name the slot's input.
+    A slot with an image but no ControlNet is refused too."""
     if len(slots) > MAX_CONTROLNETS:
         raise InputError("controlnet", f"{len(slots)} ControlNets; the limit is {MAX_CONTROLNETS}")
     used = []
@@ -167,12 +183,14 @@ def check_slots(slots: list[ControlSlot]) -> list[tuple[int, ControlSlot]]:
         name = slot_field(index)
         if slot.model is not None and not isinstance(slot.model, str):
             raise InputError(name, f"must be a string, got {slot.model!r}")
-        if slot.model is None or not slot.model.strip() or slot.model.strip() == "none":
+        model = (slot.model or "").strip()
+        if not model or model == "none":
             if slot.image is not None:
                 raise InputError(f"{name}_image", f"is given but {name} names no ControlNet")
             continue
+        label, reference, default_preprocessor = _named(name, model, family_key)
         if slot.image is None:
-            raise InputError(f"{name}_image", f"is required with {name} ({slot.model.strip()!r})")
+            raise InputError(f"{name}_image", f"is required with {name} ({model!r})")
         scale = _number(
             f"{name}_conditioning_scale", slot.conditioning_scale, CONTROL_SCALE_MIN, CONTROL_SCALE_MAX
         )
@@ -185,50 +203,48 @@ def check_slots(slots: list[ControlSlot]) -> list[tuple[int, ControlSlot]]:
                 f"{name}_preprocessor",
                 f"must be one of {', '.join(PREPROCESSORS)}; got {slot.preprocessor!r}",
             )
-        used.append(
-            (index, ControlSlot(slot.model.strip(), slot.image, scale, start, end, slot.preprocessor))
-        )
+        checked = ControlSlot(model, slot.image, scale, start, end, slot.preprocessor)
+        used.append(CheckedSlot(index, checked, label, reference, slot.preprocessor or default_preprocessor))
     return used
 
 
-def resolve_control(
-    index: int, slot: ControlSlot, family_key: str, size: tuple[int, int], canny: tuple[int, int]
-) -> ControlRequest:
-    """A checked slot (see `check_slots`) for a model of `family_key`, its image fitted to `size`."""
-    name = slot_field(index)
-    known = CONTROLNETS.get(slot.model.lower())
-    if known is not None:
-        reference = None
-        if slot.model.lower() != BUNDLED_CONTROLNET:
-            repository = known.repositories.get(family_key)
-            if repository is None:
-                available = ", ".join(_names_for(family_key))
-                raise InputError(
-                    name,
-                    f"{slot.model!r} has no ControlNet for this model's family here ({family_key}); "
-                    f"the names for it: {available}; or give a Hugging Face repository of one",
-                )
-            reference = parse_reference(name, f"huggingface.co/{repository}")
-        label, preprocessor = slot.model.lower(), slot.preprocessor or known.preprocessor
-    else:
-        if "/" not in slot.model and ":" not in slot.model:
+def _named(field: str, model: str, family_key: str) -> tuple[str, AdapterReference | None, str]:
+    """A slot's ControlNet: its label, its reference (None: the bundled one) and its default
+    preprocessor, from a name for this family or a reference."""
+    known = CONTROLNETS.get(model.lower())
+    if known is None:
+        if "/" not in model and ":" not in model:
             raise InputError(
-                name,
-                f"{slot.model!r} is not a ControlNet name ({', '.join(CONTROLNETS)}) nor a reference "
+                field,
+                f"{model!r} is not a ControlNet name ({', '.join(CONTROLNETS)}) nor a reference "
                 "(huggingface.co/<owner>/<repo>, an https URL of a .safetensors file, <owner>/<model>)",
             )
-        reference = parse_reference(name, slot.model)
-        label, preprocessor = reference.name, slot.preprocessor or "none"
-    image = ImageOps.fit(as_rgb(slot.image), size, Image.Resampling.LANCZOS)
+        reference = parse_reference(field, model)
+        return reference.name, reference, "none"
+    if model.lower() == BUNDLED_CONTROLNET:
+        return BUNDLED_CONTROLNET, None, known.preprocessor
+    repository = known.repositories.get(family_key)
+    if repository is None:
+        raise InputError(
+            field,
+            f"{model!r} has no ControlNet for this model's family here ({family_key}); the names "
+            f"for it: {', '.join(_names_for(family_key))}; or give a Hugging Face repository of one",
+        )
+    return model.lower(), parse_reference(field, f"huggingface.co/{repository}"), known.preprocessor
+
+
+def resolve_control(checked: CheckedSlot, size: tuple[int, int], canny: tuple[int, int]) -> ControlRequest:
+    """A checked slot with its image fitted to the output `size` (scaled to cover it, centre-cropped)."""
+    slot = checked.slot
     return ControlRequest(
-        field=name,
-        name=label,
-        reference=reference,
-        image=image,
+        field=checked.field,
+        name=checked.label,
+        reference=checked.reference,
+        image=ImageOps.fit(as_rgb(slot.image), size, Image.Resampling.LANCZOS),
         conditioning_scale=slot.conditioning_scale,
         start=slot.start,
         end=slot.end,
-        preprocessor=preprocessor,
+        preprocessor=checked.preprocessor,
         canny_thresholds=canny,
     )
 

@@ -29,6 +29,7 @@ from sdcog.resolve.control import (
     DEFAULT_CANNY_HIGH,
     DEFAULT_CANNY_LOW,
     SIZING_STRATEGIES,
+    CheckedSlot,
     ControlRequest,
     ControlSlot,
     canny_thresholds,
@@ -244,7 +245,7 @@ def resolve_request(
     if negative_prompt is not None:
         _check_prompt("negative_prompt", negative_prompt)
     outpaint = _check_outpaint(outpaint or Outpaint())
-    slots = check_slots(list(controlnets))
+    slots = check_slots(list(controlnets), family.key)
     canny = canny_thresholds(canny_low_threshold, canny_high_threshold)
     _require_type("return_control_maps", return_control_maps, (bool,), "true or false")
     width, height = _sized_by(sizing_strategy, width, height, image, slots, model)
@@ -263,9 +264,7 @@ def resolve_request(
         init_image, mask_image = _prepare_images(image, mask, outpaint, width, height)
         width, height = init_image.size
         mode = Mode.INPAINT if mask_image is not None else Mode.IMAGE_TO_IMAGE
-    controls = tuple(
-        resolve_control(index, slot, family.key, (width, height), canny) for index, slot in slots
-    )
+    controls = tuple(resolve_control(slot, (width, height), canny) for slot in slots)
     if return_control_maps and not controls:
         raise InputError("return_control_maps", "is set but no ControlNet is used (controlnet_1 ...)")
     num_outputs = _check_int("num_outputs", num_outputs, NUM_OUTPUTS_MIN, NUM_OUTPUTS_MAX)
@@ -326,7 +325,7 @@ def _sized_by(
     width: int | None,
     height: int | None,
     image: Image.Image | None,
-    slots: list[tuple[int, ControlSlot]],
+    slots: list[CheckedSlot],
     model: ModelLimits,
 ) -> tuple[int | None, int | None]:
     """The width and height the sizing strategy asks for (None: by the rule without a strategy)."""
@@ -343,7 +342,7 @@ def _sized_by(
             raise InputError("sizing_strategy", "is input_image but no image is given")
         return None, None
     source = strategy.removesuffix("_image")
-    control = next((slot.image for index, slot in slots if f"controlnet_{index + 1}" == source), None)
+    control = next((checked.slot.image for checked in slots if checked.field == source), None)
     if control is None:
         raise InputError("sizing_strategy", f"is {strategy} but {source} is not used")
     size = (round_to_multiple(control.width), round_to_multiple(control.height))
