@@ -453,3 +453,39 @@ def save_controlnet(pipeline_dir: Path, out_dir: Path, seed: int = 0) -> Path:
     unet = UNet2DConditionModel.from_pretrained(Path(pipeline_dir) / "unet")
     random_controlnet(unet, seed).save_pretrained(out_dir, safe_serialization=True)
     return Path(out_dir)
+
+
+def save_depth_estimator(out_dir: Path, seed: int = 0) -> Path:
+    """A tiny Depth Anything (transformers' architecture of the depth preprocessor's weights, a
+    4-layer DINOv2 backbone) with random weights and its image processor, saved in `out_dir`."""
+    from transformers import (
+        DepthAnythingConfig,
+        DepthAnythingForDepthEstimation,
+        Dinov2Config,
+        DPTImageProcessor,
+    )
+
+    torch.manual_seed(seed)
+    backbone = Dinov2Config(
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        intermediate_size=64,
+        patch_size=14,
+        image_size=56,
+        out_features=["stage1", "stage2", "stage3", "stage4"],
+        reshape_hidden_states=False,
+    )
+    config = DepthAnythingConfig(
+        backbone_config=backbone,
+        neck_hidden_sizes=[8, 16, 32, 32],
+        fusion_hidden_size=16,
+        head_hidden_size=8,
+        reassemble_hidden_size=32,
+    )
+    DepthAnythingForDepthEstimation(config).save_pretrained(out_dir)
+    processor = DPTImageProcessor(
+        size={"height": 56, "width": 56}, keep_aspect_ratio=True, ensure_multiple_of=14, do_pad=False
+    )
+    processor.save_pretrained(out_dir)
+    return Path(out_dir)

@@ -386,3 +386,26 @@ def test_download_weights_bakes_a_controlnet_that_requests_then_read_without_fet
     assert controlnets.cache.downloads == 0
     with pytest.raises(DownloadError, match="no ControlNet for sdxl"):
         bake_controlnet("lineart", "sdxl", root=tmp_path / "baked")
+
+
+def test_download_weights_bakes_the_depth_preprocessor_which_then_makes_depth_maps(tmp_path, monkeypatch):
+    from sdcog_tools.download import DEPTH_REPOSITORY, bake_preprocessor
+    from sdcog_tools.random_pipelines import save_depth_estimator
+
+    estimator = save_depth_estimator(tmp_path / "estimator")
+    hub = StaticServer(
+        {f"/{DEPTH_REPOSITORY}/resolve/main/{path.name}": path.read_bytes() for path in estimator.iterdir()}
+    )
+    try:
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        baked = bake_preprocessor("depth", root=tmp_path / "preprocessors")
+    finally:
+        hub.close()
+    assert sorted(path.name for path in baked.iterdir()) == sorted(path.name for path in estimator.iterdir())
+    photo = Image.new("RGB", (96, 64), (90, 120, 200))
+    ImageDraw.Draw(photo).ellipse((20, 10, 60, 50), fill=(240, 200, 40))
+    request = resolve(controlnets=[ControlSlot("depth", photo)], width=96, height=64)
+    assert request.controlnets[0].preprocessor == "depth"
+    depth = np.asarray(ControlMaps(tmp_path / "preprocessors").prepare(request).controlnets[0].control_map)
+    assert depth.shape == (64, 96, 3) and (depth[..., 0] == depth[..., 1]).all()  # grey, at the output size
+    assert depth.min() == 0 and depth.max() == 255  # normalised to the full range

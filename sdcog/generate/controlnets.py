@@ -131,7 +131,9 @@ class ControlNets:
         self.max_loaded = max_loaded
         self.baked, self.bundled = Path(baked), Path(bundled)
         self.loads = 0
-        self._loaded: OrderedDict[str, tuple[ControlNetModel, str]] = OrderedDict()
+        self._loaded: OrderedDict[str, ControlNetModel] = OrderedDict()
+        self._digests: dict[tuple[str, int, int], str] = {}
+        """A bundled or baked file's sha256 by (path, size, mtime): hashed once, not per request."""
         self._lock = threading.Lock()
 
     @classmethod
@@ -173,7 +175,7 @@ class ControlNets:
         if local is not None:
             weights = _weights_in(local, control)
             config = json.loads((local / CONFIG_FILE).read_text())
-            model, digest = self._model(control, weights, config, sha256=None)
+            model, digest = self._model(control, weights, config, sha256=self._digest(weights))
             return LoadedControlNet(control, model, digest)
         kind = AdapterKind(control.field, WEIGHTS_FILE, WEIGHTS_FILE)
         token = tokens.get(control.reference.kind)
@@ -189,6 +191,13 @@ class ControlNets:
             self.cache.release_files([file.sha256])
             raise
         return LoadedControlNet(control, model, digest, file)
+
+    def _digest(self, path: Path) -> str:
+        stat = path.stat()
+        key = (str(path), stat.st_size, stat.st_mtime_ns)
+        if key not in self._digests:
+            self._digests[key] = sha256_of(path)
+        return self._digests[key]
 
     def _local_dir(self, control: ControlRequest) -> Path | None:
         if control.reference is None:  # the bundled ControlNet
@@ -230,19 +239,21 @@ class ControlNets:
         return _unet_controlnet_config(self.unet_config)
 
     def _model(
-        self, control: ControlRequest, weights: Path, config: dict, sha256: str | None
+        self, control: ControlRequest, weights: Path, config: dict, sha256: str
     ) -> tuple[ControlNetModel, str]:
+        """The loaded model of these weights (loaded now, or kept from an earlier request) and its
+        short hash."""
         check_fits(control.field, control.name, config, self.unet_config)
-        digest = sha256 or sha256_of(weights)
+        digest = sha256
         with self._lock:
             if digest in self._loaded:
                 self._loaded.move_to_end(digest)
-                return self._loaded[digest][0], digest[:10]
+                return self._loaded[digest], digest[:10]
         started = time.perf_counter()
         model = _load(control, weights, config, self.dtype).to(self.device).eval().requires_grad_(False)
         with self._lock:
             self.loads += 1
-            self._loaded[digest] = (model, control.name)
+            self._loaded[digest] = model
             while len(self._loaded) > self.max_loaded:
                 self._loaded.popitem(last=False)  # a request still holding it keeps it alive
         log.info(
