@@ -107,15 +107,22 @@ def main(argv: list[str] | None = None) -> int:
     ImageDraw.Draw(control_image).rectangle(
         (args.width // 4, args.height // 4, args.width // 2, args.height // 2), outline="white", width=4
     )
-    base = resolve_request(
-        engine.limits,
-        prompt="a red circle",
-        width=args.width,
-        height=args.height,
-        num_inference_steps=args.steps,
-        seed=1,
-    )
-    base_s = timed(engine, base, FetchedAdapters(), args.reps)
+
+    def request(*slots: ControlSlot):
+        # preprocessor none: the map is the image
+        return ControlMaps().prepare(
+            resolve_request(
+                engine.limits,
+                prompt="a red circle",
+                width=args.width,
+                height=args.height,
+                num_inference_steps=args.steps,
+                seed=1,
+                controlnets=slots,
+            )
+        )
+
+    base_s = timed(engine, request(), FetchedAdapters(), args.reps)
     print(
         f"{args.preset} on {args.device}, {args.width}x{args.height}, {args.steps} steps: "
         f"base {base_s:.3f} s",
@@ -131,20 +138,11 @@ def main(argv: list[str] | None = None) -> int:
     failed = False
     for name, controlnet in architectures(engine.pipeline.unet).items():
         controlnet = controlnet.to(engine.device, engine.pipeline.unet.dtype)
-        request = resolve_request(
-            engine.limits,
-            prompt="a red circle",
-            width=args.width,
-            height=args.height,
-            num_inference_steps=args.steps,
-            seed=1,
-            controlnets=[ControlSlot("huggingface.co/bench/controlnet", control_image)],
-        )
-        request = ControlMaps().prepare(request)  # preprocessor none: the map is the image
+        steered = request(ControlSlot("huggingface.co/bench/controlnet", control_image))
         adapters = FetchedAdapters(
-            controlnets=(LoadedControlNet(request.controlnets[0], controlnet, "0" * 10),)
+            controlnets=(LoadedControlNet(steered.controlnets[0], controlnet, "0" * 10),)
         )
-        with_s = timed(engine, request, adapters, args.reps)
+        with_s = timed(engine, steered, adapters, args.reps)
         unet_flops, controlnet_flops = flops_per_step(engine, controlnet, args.width, args.height)
         added, share = (with_s - base_s) / base_s, controlnet_flops / unet_flops
         verdict = "PASS" if added <= share + TARGET_MARGIN else "FAIL"

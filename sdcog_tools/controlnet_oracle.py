@@ -97,7 +97,7 @@ class ControlOracle:
     ) -> ControlMeasure:
         """Each case once (seed + case index), with the ControlNet (`slot`: its scale, start, end)
         or without."""
-        jobs = []
+        queued = []
         for index, case in enumerate(cases):
             controls = [ControlSlot(BUNDLED_CONTROLNET, case.silhouette, **slot)] if controlled else []
             request = resolve_request(
@@ -108,8 +108,8 @@ class ControlOracle:
                 controlnets=controls,
             )
             request = self.maps.prepare(request)
-            adapters = FetchedAdapters(controlnets=self.controlnets.fetch_for(request))
-            jobs.append(self.batcher.submit(request, adapters))
+            queued.append((request, FetchedAdapters(controlnets=self.controlnets.fetch_for(request))))
+        jobs = self.batcher.submit_all(queued)  # the same batches on every run
         images = [job.future.result().images[0] for job in jobs]
         return ControlMeasure(
             [overlap(image, case.silhouette) for image, case in zip(images, cases, strict=True)], images

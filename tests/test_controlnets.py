@@ -3,6 +3,7 @@ at once, fetched once and kept, refused naming the field when they do not fit, a
 the plain pipeline. (The bundled ControlNet's oracle: tests/test_controlnet_oracle.py; the HTTP
 contract: tests/test_controlnet_http.py.)"""
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -85,6 +86,17 @@ def edges(offset: int = 0, size: int = 64) -> Image.Image:
     return image
 
 
+def _modes() -> tuple[dict, ...]:
+    """The inputs of text-to-image, image-to-image and inpainting at 64x64."""
+    init = Image.new("RGB", (64, 64), (40, 70, 220))
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (16, 16, 64, 64))
+    return ({}, {"image": init}, {"image": init, "mask": mask})
+
+
+MODES = _modes()
+
+
 def run(engine, controlnets, slots=(), **inputs):
     """One 64x64 image (int16 pixels) and the Generation, its ControlNets fetched and released."""
     options = dict(
@@ -102,10 +114,7 @@ def run(engine, controlnets, slots=(), **inputs):
 
 def test_a_controlnet_steers_each_mode_and_leaves_nothing_behind(sd15, controlnets, server):
     url = f"{server.url}/sd15.safetensors"
-    init = Image.new("RGB", (64, 64), (40, 70, 220))
-    mask = Image.new("L", (64, 64), 0)
-    mask.paste(255, (16, 16, 64, 64))
-    for mode_inputs in ({}, {"image": init}, {"image": init, "mask": mask}):
+    for mode_inputs in MODES:
         plain, _ = run(sd15, controlnets, **mode_inputs)
         steered, generation = run(sd15, controlnets, [ControlSlot(url, edges())], **mode_inputs)
         assert np.abs(steered - plain).mean() > 2, mode_inputs
@@ -199,10 +208,7 @@ def test_sdxl_controlnets_run_in_every_mode_and_an_sd15_one_is_refused(tiny_sdxl
         engine.pipeline.unet, torch.float32, torch.device("cpu"), AdapterCache(tmp_path / "c", 10**9, 10**8)
     )
     url = f"{server.url}/sdxl.safetensors"
-    init = Image.new("RGB", (64, 64), (40, 70, 220))
-    mask = Image.new("L", (64, 64), 0)
-    mask.paste(255, (16, 16, 64, 64))
-    for mode_inputs in ({}, {"image": init}, {"image": init, "mask": mask}):
+    for mode_inputs in MODES:
         plain, _ = run(engine, controlnets, **mode_inputs)
         steered, _ = run(engine, controlnets, [ControlSlot(url, edges())], **mode_inputs)
         assert np.abs(steered - plain).mean() > 1, mode_inputs
@@ -409,3 +415,28 @@ def test_download_weights_bakes_the_depth_preprocessor_which_then_makes_depth_ma
     depth = np.asarray(ControlMaps(tmp_path / "preprocessors").prepare(request).controlnets[0].control_map)
     assert depth.shape == (64, 96, 3) and (depth[..., 0] == depth[..., 1]).all()  # grey, at the output size
     assert depth.min() == 0 and depth.max() == 255  # normalised to the full range
+
+
+def test_a_controlnet_works_with_a_lora_and_the_lora_still_counts(sd15, controlnets, server, tmp_path):
+    url = f"{server.url}/sd15.safetensors"
+    adapters = AdapterCache(tmp_path / "adapters", 10**9, 10**8)
+    request = ControlMaps().prepare(
+        resolve_request(
+            sd15.limits,
+            prompt="a red circle on a blue background",
+            width=64,
+            height=64,
+            num_inference_steps=4,
+            seed=5,
+            lora_weights=f"{server.url}/lora.safetensors",
+            controlnets=[ControlSlot(url, edges())],
+        )
+    )
+    fetched = adapters.fetch_for(request)
+    loaded = controlnets.fetch_for(request)
+    both = sd15.generate(request, adapters=dataclasses.replace(fetched, controlnets=loaded))
+    adapters.release(fetched)
+    controlnet_only, _ = run(sd15, controlnets, [ControlSlot(url, edges())])
+    with_both = np.asarray(both.images[0], dtype=np.int16)
+    assert np.abs(with_both - controlnet_only).mean() > 1
+    assert [lora.name for lora in both.loras] == ["lora"] and len(both.controlnets) == 1

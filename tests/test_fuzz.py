@@ -665,7 +665,7 @@ def hostile_ids() -> st.SearchStrategy[Any]:
 # -- sending and judging ---------------------------------------------------------------------------
 
 FAILED_WRAPPING = re.compile(r"^(?:(?:Async p|P)rediction failed: )+(?:InputError: )?")
-NAMED_ERROR = re.compile(r"^(?P<fields>[a-z_]+(?:/[a-z_]+)*): ")
+NAMED_ERROR = re.compile(r"^(?P<fields>[a-z_][a-z0-9_]*(?:/[a-z_][a-z0-9_]*)*): ")
 PARSE_ERROR = re.compile(
     r"^Failed to (?:parse the request body as JSON|deserialize the JSON body into the target type): "
     r"(?:(?P<path>[A-Za-z_][\w.\[\]]*): )?"

@@ -31,7 +31,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -187,17 +187,27 @@ class Batcher:
 
     def submit(self, request: GenerationRequest, adapters: FetchedAdapters | None = None) -> Job:
         """Queue the request; the returned job's `future` holds its Generation or its error."""
-        job = Job(request, adapters or FetchedAdapters(), submitted=self._clock())
+        (job,) = self.submit_all([(request, adapters)])
+        return job
+
+    def submit_all(self, requests: Sequence[tuple[GenerationRequest, FetchedAdapters | None]]) -> list[Job]:
+        """Queue the requests at once, in order, before the generation thread takes any: their
+        batches are then the same on every run (the oracles compare runs pixel for pixel)."""
+        jobs = [
+            Job(request, adapters or FetchedAdapters(), submitted=self._clock())
+            for request, adapters in requests
+        ]
         with self._lock:
-            self._queue.append(job)
-            waiting = len(self._queue) - 1
+            waiting = len(self._queue)
+            self._queue.extend(jobs)
             start = not self._running
             self._running = True
         if waiting:
-            log.info("queued behind %d request(s)", waiting)
+            for job in jobs:
+                job.log(logging.INFO, "queued behind %d request(s)", waiting)
         if start:
             generation_thread().submit(self._drain)
-        return job
+        return jobs
 
     @property
     def waiting(self) -> int:
