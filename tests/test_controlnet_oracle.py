@@ -28,11 +28,13 @@ def measured():
     settings = {
         "without": {"controlled": False},
         "with": {},
-        "scale 0": {"conditioning_scale": 0.0},
         "start 0.8": {"start": 0.8},
         "end 0.3": {"end": 0.3},
     }
-    return {label: oracle.measure(cases, **options) for label, options in settings.items()}
+    measured = {label: oracle.measure(cases, **options) for label, options in settings.items()}
+    # The first batch of 8 (batches are the same every run: Batcher.submit_all) suffices for scale 0.
+    measured["scale 0"] = oracle.measure(cases[:8], conditioning_scale=0.0)
+    return measured
 
 
 def test_the_object_lands_where_the_silhouette_asks_far_more_often_with_the_controlnet(
@@ -48,7 +50,7 @@ def test_the_object_lands_where_the_silhouette_asks_far_more_often_with_the_cont
 
 
 def test_conditioning_scale_0_draws_the_uncontrolled_image_pixel_for_pixel(measured):
-    for steered, plain in zip(measured["scale 0"].images, measured["without"].images, strict=True):
+    for steered, plain in zip(measured["scale 0"].images, measured["without"].images[:8], strict=True):
         assert np.array_equal(np.asarray(steered), np.asarray(plain))
 
 
