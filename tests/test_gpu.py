@@ -138,3 +138,44 @@ def test_cog_train_trains_in_half_precision_with_pivotal_tuning(tiny_pipelines, 
     cache = AdapterCache(tmp_path / "adapters", max_bytes=10**9, max_file_bytes=10**8)
     trained = pixels(engine, cache, prompt="a photo of TOK", lora_weights=data_uri(tar.read_bytes()))
     assert not np.array_equal(trained, pixels(engine, prompt="a photo of TOK"))
+
+
+@pytest.mark.parametrize("name", ["tiny-sd15", "tiny-sdxl"])
+def test_controlnets_steer_in_half_precision_and_scale_0_is_the_plain_image(
+    gpu_engines, tiny_pipelines, tmp_path, name
+):
+    from diffusers import UNet2DConditionModel
+    from PIL import Image, ImageDraw
+
+    from sdcog.fetch.adapter_cache import FetchedAdapters
+    from sdcog.fetch.control_maps import ControlMaps
+    from sdcog.generate.controlnets import ControlNets, baked_dir
+    from sdcog.resolve.control import ControlSlot
+    from sdcog_tools.random_pipelines import random_controlnet
+
+    engine = gpu_engines[name]
+    unet = UNet2DConditionModel.from_pretrained(tiny_pipelines[name] / "unet")
+    random_controlnet(unet, 1).save_pretrained(baked_dir("gpu/controlnet", tmp_path))
+    controlnets = ControlNets(
+        engine.pipeline.unet,
+        engine.pipeline.unet.dtype,
+        CUDA,
+        AdapterCache(tmp_path / "c", 10**9, 10**8),
+        baked=tmp_path,
+    )
+    edges = Image.new("RGB", (64, 64))
+    ImageDraw.Draw(edges).rectangle((10, 12, 40, 50), outline="white", width=2)
+
+    def steered(scale: float) -> np.ndarray:
+        slot = ControlSlot("huggingface.co/gpu/controlnet", edges, scale)
+        request = ControlMaps().prepare(resolve_request(engine.limits, **REQUEST, controlnets=[slot]))
+        generation = engine.generate(
+            request, adapters=FetchedAdapters(controlnets=controlnets.fetch_for(request))
+        )
+        assert generation.controlnets[0].model.dtype == engine.pipeline.unet.dtype
+        return np.asarray(generation.images[0], dtype=np.int16)
+
+    plain = pixels(engine)[0]
+    assert np.abs(steered(1.0) - plain).mean() > 1
+    assert np.array_equal(steered(0.0), plain)
+    assert np.array_equal(pixels(engine)[0], plain), "nothing stays attached"
