@@ -19,6 +19,7 @@ MARKED = {
     "sdcog.fetch.input_files.guard_cog_downloads": "cog",
     "sdcog.fetch.adapter_archives.CheckedTarInfo": "python",
     "sdcog.generate.embeddings._pool_at_the_end_token": "transformers",
+    "sdcog.generate.controlnets._diffusers_keys": "diffusers",
     "sdcog.model.weights.hub_download_leftovers": "huggingface_hub",
     "sdcog.model.weights_check._culprit": "diffusers",
     "sdcog_tools.cog_schema.load_predictor_info": "cog",
@@ -101,3 +102,13 @@ def test_tarfile_still_has_the_member_hooks_checked_tar_info_overrides():
 def test_clip_still_chooses_its_pooling_by_the_eos_token_id_attribute():
     source = inspect.getsource(modeling_clip)
     assert "self.eos_token_id == 2" in source
+
+
+def test_diffusers_still_converts_original_controlnet_keys_as_diffusers_keys_reads_them():
+    from diffusers.loaders import single_file_utils
+
+    parameters = inspect.signature(single_file_utils.convert_controlnet_checkpoint).parameters
+    assert list(parameters)[:2] == ["checkpoint", "config"]
+    layers = single_file_utils.DIFFUSERS_TO_LDM_MAPPING["controlnet"]["layers"]
+    assert layers["time_embedding.linear_1.weight"] == "time_embed.0.weight"
+    assert single_file_utils.LDM_CONTROLNET_KEY == "control_model."

@@ -45,6 +45,7 @@ from sdcog.fetch.adapter_references import AdapterKind, hf_endpoint
 from sdcog.fetch.input_files import fetch_url_to
 from sdcog.model.safetensors_files import sha256_of
 from sdcog.model.weights import PROJECT_ROOT
+from sdcog.pinned_internals import relies_on_internals
 from sdcog.resolve.control import BUNDLED_CONTROLNET, ControlRequest
 from sdcog.resolve.request import GenerationRequest
 
@@ -285,9 +286,7 @@ def _unet_controlnet_config(unet_config: Mapping) -> dict:
 def _load(control: ControlRequest, weights: Path, config: dict, dtype: torch.dtype) -> ControlNetModel:
     """The ControlNet of `config` with the tensors of `weights` (diffusers' or the original key
     format) as `dtype`; refused naming the field when they do not fit."""
-    state = {name: tensor.to(dtype) for name, tensor in load_file(weights).items()}
-    if any(key.startswith(_ORIGINAL_PREFIX) or key.startswith("time_embed.") for key in state):
-        state = convert_controlnet_checkpoint(state, config)
+    state = _diffusers_keys({name: tensor.to(dtype) for name, tensor in load_file(weights).items()}, config)
     settings = {key: value for key, value in config.items() if not key.startswith("_")}
     with torch.device("meta"):
         model = ControlNetModel.from_config(settings)
@@ -308,6 +307,19 @@ def _load(control: ControlRequest, weights: Path, config: dict, dtype: torch.dty
             f"ControlNet's for it): {str(error).splitlines()[0][:200]}",
         ) from error
     return model
+
+
+@relies_on_internals(
+    "diffusers",
+    "0.42.1",
+    "diffusers.loaders.single_file_utils.convert_controlnet_checkpoint(checkpoint, config): the original "
+    "ControlNet's keys (control_model.*, or time_embed.* without the prefix) renamed to diffusers'",
+)
+def _diffusers_keys(state: dict[str, torch.Tensor], config: Mapping) -> dict[str, torch.Tensor]:
+    """The tensors under diffusers' names: a file in the original ControlNet format converted."""
+    if any(key.startswith(_ORIGINAL_PREFIX) or key.startswith("time_embed.") for key in state):
+        return convert_controlnet_checkpoint(state, dict(config))
+    return state
 
 
 def _config_from_tensors(state: Mapping[str, torch.Tensor]) -> dict:
