@@ -97,13 +97,18 @@ def _modes() -> tuple[dict, ...]:
 MODES = _modes()
 
 
-def run(engine, controlnets, slots=(), **inputs):
-    """One 64x64 image (int16 pixels) and the Generation, its ControlNets fetched and released."""
+def prepared(engine, slots=(), **inputs):
+    """A 64x64 request of 4 steps, seed 5 (`inputs` override them), its control maps made."""
     options = dict(
         prompt="a red circle on a blue background", width=64, height=64, num_inference_steps=4, seed=5
     )
     options.update(inputs)
-    request = ControlMaps().prepare(resolve_request(engine.limits, controlnets=list(slots), **options))
+    return ControlMaps().prepare(resolve_request(engine.limits, controlnets=list(slots), **options))
+
+
+def run(engine, controlnets, slots=(), **inputs):
+    """One 64x64 image (int16 pixels) and the Generation, its ControlNets fetched and released."""
+    request = prepared(engine, slots, **inputs)
     loaded = controlnets.fetch_for(request) if slots else ()
     try:
         generation = engine.generate(request, adapters=FetchedAdapters(controlnets=loaded))
@@ -171,18 +176,8 @@ def test_a_baked_controlnet_is_read_from_the_image_without_a_download(sd15, cont
 
 def test_batched_requests_with_controlnets_match_each_alone(sd15, controlnets, server):
     url = f"{server.url}/sd15.safetensors"
-    requests = []
-    for offset, seed in ((0, 1), (12, 2), (6, 3)):
-        request = resolve_request(
-            sd15.limits,
-            prompt="a red circle on a blue background",
-            width=64,
-            height=64,
-            num_inference_steps=4,
-            seed=seed,
-            controlnets=[ControlSlot(url, edges(offset))],
-        )
-        requests.append(ControlMaps().prepare(request))
+    cases = ((0, 1), (12, 2), (6, 3))
+    requests = [prepared(sd15, [ControlSlot(url, edges(offset))], seed=seed) for offset, seed in cases]
     loaded = [controlnets.fetch_for(request) for request in requests]
     alone = [
         np.asarray(
@@ -342,18 +337,8 @@ def test_the_control_maps_come_back_after_the_images_and_the_metadata_names_each
     sd15, controlnets, server, tmp_path
 ):
     url = f"{server.url}/sd15.safetensors"
-    request = resolve_request(
-        sd15.limits,
-        prompt="a red circle on a blue background",
-        width=64,
-        height=64,
-        num_inference_steps=2,
-        num_outputs=2,
-        seed=5,
-        controlnets=[ControlSlot(url, edges(), 0.7, 0.1, 0.9, "canny")],
-        return_control_maps=True,
-    )
-    request = ControlMaps().prepare(request)
+    slot = ControlSlot(url, edges(), 0.7, 0.1, 0.9, "canny")
+    request = prepared(sd15, [slot], num_inference_steps=2, num_outputs=2, return_control_maps=True)
     loaded = controlnets.fetch_for(request)
     generation = sd15.generate(request, adapters=FetchedAdapters(controlnets=loaded))
     paths = write_outputs(generation, request, "tiny", tmp_path)
@@ -420,18 +405,7 @@ def test_download_weights_bakes_the_depth_preprocessor_which_then_makes_depth_ma
 def test_a_controlnet_works_with_a_lora_and_the_lora_still_counts(sd15, controlnets, server, tmp_path):
     url = f"{server.url}/sd15.safetensors"
     adapters = AdapterCache(tmp_path / "adapters", 10**9, 10**8)
-    request = ControlMaps().prepare(
-        resolve_request(
-            sd15.limits,
-            prompt="a red circle on a blue background",
-            width=64,
-            height=64,
-            num_inference_steps=4,
-            seed=5,
-            lora_weights=f"{server.url}/lora.safetensors",
-            controlnets=[ControlSlot(url, edges())],
-        )
-    )
+    request = prepared(sd15, [ControlSlot(url, edges())], lora_weights=f"{server.url}/lora.safetensors")
     fetched = adapters.fetch_for(request)
     loaded = controlnets.fetch_for(request)
     both = sd15.generate(request, adapters=dataclasses.replace(fetched, controlnets=loaded))
