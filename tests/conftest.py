@@ -61,6 +61,20 @@ def sd15_server(tiny_sd15, tmp_path_factory):
         yield running
 
 
+@pytest.fixture(scope="session")
+def bundled_server(tmp_path_factory):
+    """Cog's server with the bundled model (and its ControlNet), allowed to fetch from 127.0.0.1,
+    one for the whole session: the ControlNet contract and the short memory soak share it."""
+    write_schema(PROJECT_ROOT / ".cog" / "openapi_schema.json")
+    env = {
+        "MODEL_WEIGHTS": str(BUNDLED_MODEL_DIR),
+        "SDCOG_ALLOW_LOCAL_URLS": "1",
+        "SDCOG_CONTROLNET_CACHE": str(tmp_path_factory.mktemp("bundled-controlnets")),
+    }
+    with running_server(PROJECT_ROOT, env=env) as running:
+        yield running
+
+
 @pytest.fixture(scope="module")
 def liveness_file(tmp_path_factory) -> Path:
     """Where the model marks a running prediction for deploy/probe.py (one per test module)."""

@@ -10,10 +10,7 @@ from diffusers import UNet2DConditionModel
 from lora_files import StaticServer
 from PIL import Image
 
-from sdcog.model.weights import BUNDLED_MODEL_DIR, PROJECT_ROOT
 from sdcog.write.infotext import parse_infotext_fields
-from sdcog_tools.cog_schema import write_schema
-from sdcog_tools.cog_server import running_server
 from sdcog_tools.random_pipelines import random_controlnet
 from sdcog_tools.shapes import overlap, silhouette
 
@@ -38,15 +35,8 @@ def files(tiny_sdxl, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def http(tmp_path_factory):
-    write_schema(PROJECT_ROOT / ".cog" / "openapi_schema.json")
-    env = {
-        "MODEL_WEIGHTS": str(BUNDLED_MODEL_DIR),
-        "SDCOG_ALLOW_LOCAL_URLS": "1",
-        "SDCOG_CONTROLNET_CACHE": str(tmp_path_factory.mktemp("controlnets")),
-    }
-    with running_server(PROJECT_ROOT, env=env) as server:
-        yield server
+def http(bundled_server):
+    return bundled_server
 
 
 PROMPT = "a red circle on a blue background"

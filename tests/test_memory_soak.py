@@ -5,10 +5,8 @@ from collections import Counter
 
 import pytest
 
-from sdcog.model.weights import BUNDLED_MODEL_DIR, PROJECT_ROOT
+from sdcog.model.weights import BUNDLED_MODEL_DIR
 from sdcog.resolve.schedulers import SCHEDULER_NAMES
-from sdcog_tools.cog_schema import write_schema
-from sdcog_tools.cog_server import running_server
 from sdcog_tools.memory_soak import (
     CYCLE_LENGTH,
     MODES,
@@ -122,13 +120,12 @@ def test_outcome_check_wants_the_planned_number_of_images_or_the_field_named_err
     assert check_outcome(made, 422, {"detail": []}).startswith("HTTP 422")
 
 
-def test_a_short_soak_through_the_real_server_samples_the_worker_after_every_prediction():
+def test_a_short_soak_through_the_real_server_samples_the_worker_after_every_prediction(bundled_server):
     count = 10  # the four modes, at sizes 64 to 192, and one refused input (the 10th)
-    write_schema(PROJECT_ROOT / ".cog" / "openapi_schema.json")
     seen = []
-    with running_server(PROJECT_ROOT, env={"MODEL_WEIGHTS": str(BUNDLED_MODEL_DIR)}) as server:
-        record = run_soak(server, BUNDLED_MODEL_DIR, count=count, warmup=5, on_sample=seen.append)
-        assert server.health()["status"] == "READY"
+    server = bundled_server
+    record = run_soak(server, BUNDLED_MODEL_DIR, count=count, warmup=5, on_sample=seen.append)
+    assert server.health()["status"] == "READY"
     assert [sample.index for sample in record.samples] == list(range(count)) == [s.index for s in seen]
     assert [sample.problem for sample in record.samples] == [None] * count
     assert {sample.mode for sample in record.samples} == {*MODES, REFUSED}
