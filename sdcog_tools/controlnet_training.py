@@ -34,12 +34,11 @@ import torch.nn.functional as F
 from diffusers import ControlNetModel, DDPMScheduler, StableDiffusionPipeline
 from diffusers.training_utils import compute_snr
 
+from sdcog.generate.controlnets import BUNDLED_CONTROLNET_DIR
 from sdcog.model.weights import BUNDLED_MODEL_DIR
 from sdcog_tools.random_pipelines import SD15_SCHEDULER
 from sdcog_tools.shapes import TRAIN_SCENES, box_held_out, random_box, render_at, silhouette
 from sdcog_tools.training import Curve, _warmup_cosine
-
-BUNDLED_CONTROLNET_DIR = BUNDLED_MODEL_DIR.parent / "shapes-controlnet"
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 
 from sdcog.errors import InputError
-from sdcog.fetch.adapter_references import DIFFUSERS_MODEL_FILE, hf_endpoint
+from sdcog.fetch.adapter_references import DIFFUSERS_MODEL_FILE, hub_file_url
 from sdcog.fetch.control_maps import DEPTH, PREPROCESSORS_DIR
 from sdcog.fetch.input_files import fetch_url_to
 from sdcog.generate.controlnets import BAKED_CONTROLNETS_DIR, CONFIG_FILE, baked_dir
@@ -40,9 +40,7 @@ class DownloadError(RuntimeError):
 
 def _fetch(repository: str, name: str, out: Path, token: str | None) -> Path:
     """One file of a Hugging Face repository (HF_ENDPOINT honoured), written whole or not at all."""
-    from huggingface_hub import hf_hub_url
-
-    url = hf_hub_url(repository, name, endpoint=hf_endpoint())
+    url = hub_file_url(repository, name)
     headers = {"Authorization": f"Bearer {token}"} if token else None
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=out.parent, prefix=f".{out.name}.", delete=False) as partial:

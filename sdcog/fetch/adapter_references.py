@@ -152,11 +152,16 @@ def resolve_download(kind: AdapterKind, reference: AdapterReference, token: str 
         owner, model, *version = reference.location.split("/")
         path = f"{owner}/{model}" + (f"/versions/{version[0]}" if version else "")
         return f"{replicate_endpoint()}/{path}/_weights"
-    from huggingface_hub import hf_hub_url
-
     revision = reference.revision or "main"
     file = reference.file or _single_safetensors_file(kind, reference, revision, token)
-    return hf_hub_url(reference.location, file, revision=revision, endpoint=hf_endpoint())
+    return hub_file_url(reference.location, file, revision)
+
+
+def hub_file_url(repository: str, file: str, revision: str | None = None) -> str:
+    """The download URL of a file of a Hugging Face repository, at HF_ENDPOINT."""
+    from huggingface_hub import hf_hub_url
+
+    return hf_hub_url(repository, file, revision=revision or "main", endpoint=hf_endpoint())
 
 
 def _single_safetensors_file(

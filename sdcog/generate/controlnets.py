@@ -22,6 +22,7 @@ Operator settings:
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -34,14 +35,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from diffusers import ControlNetModel
+from diffusers import ControlNetModel, UNet2DConditionModel
 from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint
 from safetensors.torch import load_file
 
 from sdcog.errors import InputError
 from sdcog.fetch.adapter_cache import AdapterCache, AdapterFile, adapter_tokens
 from sdcog.fetch.adapter_references import DIFFUSERS_MODEL_FILE as WEIGHTS_FILE
-from sdcog.fetch.adapter_references import AdapterKind, hf_endpoint
+from sdcog.fetch.adapter_references import AdapterKind, hub_file_url
 from sdcog.fetch.input_files import fetch_url_to
 from sdcog.model.safetensors_files import sha256_of
 from sdcog.model.weights import PROJECT_ROOT
@@ -193,6 +194,14 @@ class ControlNets:
             raise
         return LoadedControlNet(control, model, digest, file)
 
+    @functools.cached_property
+    def full_size_config(self) -> dict:
+        """A full-size ControlNet's configuration for the loaded UNet (what `ControlNetModel.from_unet`
+        makes): a single file's, which brings none of its own. Derived once."""
+        with torch.device("meta"):
+            unet = UNet2DConditionModel.from_config(self.unet_config)
+            return dict(ControlNetModel.from_unet(unet, load_weights_from_unet=False).config)
+
     def _digest(self, path: Path) -> str:
         stat = path.stat()
         key = (str(path), stat.st_size, stat.st_mtime_ns)
@@ -219,11 +228,7 @@ class ControlNets:
             return json.loads(stored.read_text())
         reference = control.reference
         if reference.kind == "huggingface" and (reference.file is None or "/" not in (reference.file or "")):
-            from huggingface_hub import hf_hub_url
-
-            url = hf_hub_url(
-                reference.location, CONFIG_FILE, revision=reference.revision or "main", endpoint=hf_endpoint()
-            )
+            url = hub_file_url(reference.location, CONFIG_FILE, reference.revision)
             partial = stored.with_suffix(".partial")
             headers = {"Authorization": f"Bearer {token}"} if token else None
             try:
@@ -237,7 +242,7 @@ class ControlNets:
                 os.replace(partial, stored)
                 return config
             partial.unlink(missing_ok=True)
-        return _unet_controlnet_config(self.unet_config)
+        return self.full_size_config
 
     def _model(
         self, control: ControlRequest, weights: Path, config: dict, sha256: str
@@ -272,15 +277,6 @@ def _weights_in(directory: Path, control: ControlRequest) -> Path:
         if (directory / name).is_file():
             return directory / name
     raise InputError(control.field, f"{control.name}: {directory} holds no {WEIGHTS_FILE}")
-
-
-def _unet_controlnet_config(unet_config: Mapping) -> dict:
-    """A full-size ControlNet's configuration for this UNet (what `ControlNetModel.from_unet` makes)."""
-    with torch.device("meta"):
-        from diffusers import UNet2DConditionModel
-
-        unet = UNet2DConditionModel.from_config(dict(unet_config))
-        return dict(ControlNetModel.from_unet(unet, load_weights_from_unet=False).config)
 
 
 def _load(control: ControlRequest, weights: Path, config: dict, dtype: torch.dtype) -> ControlNetModel:

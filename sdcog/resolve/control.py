@@ -20,6 +20,7 @@ from PIL import Image, ImageOps
 from sdcog.errors import InputError
 from sdcog.fetch.adapter_references import AdapterReference, parse_reference
 from sdcog.fetch.images import as_rgb
+from sdcog.resolve.checks import check_int, check_number
 
 MAX_CONTROLNETS = 3
 CONTROL_SCALE_MIN, CONTROL_SCALE_MAX, DEFAULT_CONTROL_SCALE = 0.0, 4.0, 1.0
@@ -138,20 +139,9 @@ def slot_field(index: int) -> str:
     return f"controlnet_{index + 1}"
 
 
-def _number(name: str, value: object, low: float, high: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise InputError(name, f"must be a number, got {value!r}")
-    if not low <= value <= high:
-        raise InputError(name, f"must be between {low:g} and {high:g}, got {value:g}")
-    return float(value)
-
-
 def canny_thresholds(low: object, high: object) -> tuple[int, int]:
-    for name, value in (("canny_low_threshold", low), ("canny_high_threshold", high)):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise InputError(name, f"must be an integer, got {value!r}")
-        if not CANNY_MIN <= value <= CANNY_MAX:
-            raise InputError(name, f"must be between {CANNY_MIN} and {CANNY_MAX}, got {value}")
+    check_int("canny_low_threshold", low, CANNY_MIN, CANNY_MAX)
+    check_int("canny_high_threshold", high, CANNY_MIN, CANNY_MAX)
     if low > high:
         raise InputError("canny_low_threshold", f"{low} is above canny_high_threshold {high}")
     return low, high
@@ -191,11 +181,11 @@ def check_slots(slots: list[ControlSlot], family_key: str) -> list[CheckedSlot]:
         label, reference, default_preprocessor = _named(name, model, family_key)
         if slot.image is None:
             raise InputError(f"{name}_image", f"is required with {name} ({model!r})")
-        scale = _number(
+        scale = check_number(
             f"{name}_conditioning_scale", slot.conditioning_scale, CONTROL_SCALE_MIN, CONTROL_SCALE_MAX
         )
-        start = _number(f"{name}_start", slot.start, 0.0, 1.0)
-        end = _number(f"{name}_end", slot.end, 0.0, 1.0)
+        start = check_number(f"{name}_start", slot.start, 0.0, 1.0)
+        end = check_number(f"{name}_end", slot.end, 0.0, 1.0)
         if start >= end:
             raise InputError(f"{name}_start", f"{start:g} must be below {name}_end ({end:g})")
         if slot.preprocessor is not None and slot.preprocessor not in PREPROCESSORS:

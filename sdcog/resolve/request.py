@@ -25,6 +25,7 @@ from sdcog.errors import InputError
 from sdcog.fetch.adapter_references import AdapterReference, parse_reference
 from sdcog.fetch.images import SIZE_MULTIPLE, Outpaint, as_rgb, binary_mask, extend_canvas, round_to_multiple
 from sdcog.model.families import ModelFamily
+from sdcog.resolve.checks import check_choice, check_int, check_range, require_type
 from sdcog.resolve.control import (
     DEFAULT_CANNY_HIGH,
     DEFAULT_CANNY_LOW,
@@ -133,35 +134,12 @@ class GenerationRequest:
         return [self.seed + index for index in range(self.num_outputs)]
 
 
-def _require_type(field: str, value: Any, kinds: tuple[type, ...], label: str) -> None:
-    # bool is an int subclass; `true` is never a valid size or count.
-    if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
-        raise InputError(field, f"must be {label}, got {value!r}")
-
-
-def _check_range(field: str, value: int | float, low: int | float, high: int | float) -> None:
-    if not low <= value <= high:
-        raise InputError(field, f"must be between {low} and {high}, got {value}")
-
-
-def _check_int(field: str, value: Any, low: int, high: int) -> int:
-    _require_type(field, value, (int,), "an integer")
-    _check_range(field, value, low, high)
-    return value
-
-
-def _check_choice(field: str, value: Any, choices: tuple[str, ...]) -> str:
-    if value not in choices:
-        raise InputError(field, f"must be one of {', '.join(choices)}; got {value!r}")
-    return value
-
-
 def _resolve_size(field: str, value: int | None, native: int) -> int:
     return native if value is None else _check_size(field, value)
 
 
 def _check_size(field: str, value: Any) -> int:
-    _check_int(field, value, SIZE_MIN, SIZE_MAX)
+    check_int(field, value, SIZE_MIN, SIZE_MAX)
     if value % SIZE_MULTIPLE:
         raise InputError(
             field,
@@ -177,7 +155,7 @@ def _resolve_seed(seed: int | None, num_outputs: int) -> int:
     highest = SEED_MAX - (num_outputs - 1)
     if seed is None:
         return secrets.randbelow(highest + 1)
-    _check_int("seed", seed, SEED_MIN, SEED_MAX)
+    check_int("seed", seed, SEED_MIN, SEED_MAX)
     if seed > highest:
         raise InputError(
             "seed",
@@ -198,7 +176,7 @@ def _check_fits_jpeg(prompt: str, negative_prompt: str) -> None:
 
 
 def _check_prompt(field: str, prompt: Any) -> None:
-    _require_type(field, prompt, (str,), "a string")
+    require_type(field, prompt, (str,), "a string")
     if len(prompt) > MAX_PROMPT_CHARS:
         raise InputError(
             field, f"is {len(prompt):,} characters long; the limit is {MAX_PROMPT_CHARS:,}: shorten it"
@@ -247,7 +225,7 @@ def resolve_request(
     outpaint = _check_outpaint(outpaint or Outpaint())
     slots = check_slots(list(controlnets), family.key)
     canny = canny_thresholds(canny_low_threshold, canny_high_threshold)
-    _require_type("return_control_maps", return_control_maps, (bool,), "true or false")
+    require_type("return_control_maps", return_control_maps, (bool,), "true or false")
     width, height = _sized_by(sizing_strategy, width, height, image, slots, model)
     if image is None:
         if mask is not None:
@@ -267,7 +245,7 @@ def resolve_request(
     controls = tuple(resolve_control(slot, (width, height), canny) for slot in slots)
     if return_control_maps and not controls:
         raise InputError("return_control_maps", "is set but no ControlNet is used (controlnet_1 ...)")
-    num_outputs = _check_int("num_outputs", num_outputs, NUM_OUTPUTS_MIN, NUM_OUTPUTS_MAX)
+    num_outputs = check_int("num_outputs", num_outputs, NUM_OUTPUTS_MIN, NUM_OUTPUTS_MAX)
     pixels = width * height * num_outputs
     if pixels > family.pixel_budget:
         raise InputError(
@@ -278,21 +256,21 @@ def resolve_request(
         )
     if num_inference_steps is None:
         num_inference_steps = family.default_steps
-    num_inference_steps = _check_int("num_inference_steps", num_inference_steps, STEPS_MIN, STEPS_MAX)
+    num_inference_steps = check_int("num_inference_steps", num_inference_steps, STEPS_MIN, STEPS_MAX)
     if guidance_scale is None:
         guidance_scale = family.default_guidance
-    _require_type("guidance_scale", guidance_scale, (int, float), "a number")
-    _check_range("guidance_scale", guidance_scale, GUIDANCE_MIN, GUIDANCE_MAX)
-    _require_type("disable_safety_checker", disable_safety_checker, (bool,), "true or false")
-    _require_type("prompt_strength", prompt_strength, (int, float), "a number")
-    _check_range("prompt_strength", prompt_strength, STRENGTH_MIN, STRENGTH_MAX)
+    require_type("guidance_scale", guidance_scale, (int, float), "a number")
+    check_range("guidance_scale", guidance_scale, GUIDANCE_MIN, GUIDANCE_MAX)
+    require_type("disable_safety_checker", disable_safety_checker, (bool,), "true or false")
+    require_type("prompt_strength", prompt_strength, (int, float), "a number")
+    check_range("prompt_strength", prompt_strength, STRENGTH_MIN, STRENGTH_MAX)
     if mode != Mode.TEXT_TO_IMAGE and int(num_inference_steps * prompt_strength) < 1:
         raise InputError(
             "prompt_strength",
             f"{prompt_strength:g} x {num_inference_steps} steps leaves no denoising step to run "
             "(diffusers runs int(num_inference_steps x prompt_strength) steps); raise either",
         )
-    output_format = _check_choice("output_format", output_format, OUTPUT_FORMATS)
+    output_format = check_choice("output_format", output_format, OUTPUT_FORMATS)
     if output_format == "jpg":
         _check_fits_jpeg(prompt, negative_prompt or "")
     return GenerationRequest(
@@ -303,10 +281,10 @@ def resolve_request(
         num_outputs=num_outputs,
         num_inference_steps=num_inference_steps,
         guidance_scale=float(guidance_scale),
-        scheduler=_check_choice("scheduler", scheduler, SCHEDULER_NAMES),
+        scheduler=check_choice("scheduler", scheduler, SCHEDULER_NAMES),
         seed=_resolve_seed(seed, num_outputs),
         output_format=output_format,
-        output_quality=_check_int("output_quality", output_quality, QUALITY_MIN, QUALITY_MAX),
+        output_quality=check_int("output_quality", output_quality, QUALITY_MIN, QUALITY_MAX),
         mode=mode,
         init_image=init_image,
         mask_image=mask_image,
@@ -329,7 +307,7 @@ def _sized_by(
     model: ModelLimits,
 ) -> tuple[int | None, int | None]:
     """The width and height the sizing strategy asks for (None: by the rule without a strategy)."""
-    strategy = _check_choice("sizing_strategy", strategy, SIZING_STRATEGIES)
+    strategy = check_choice("sizing_strategy", strategy, SIZING_STRATEGIES)
     if strategy == "auto":
         return width, height
     if strategy == "width_height":
@@ -364,7 +342,7 @@ def _resolve_embeddings(embeddings: str | None) -> tuple[EmbeddingRequest, ...]:
     """The embedding references, each optionally after `<token>=`."""
     if embeddings is None:
         return ()
-    _require_type("embeddings", embeddings, (str,), "a string")
+    require_type("embeddings", embeddings, (str,), "a string")
     resolved = []
     for item in _split_list(embeddings):
         named = _TOKEN_PREFIX.match(item)
@@ -383,7 +361,7 @@ def _replicate_weights(replicate_weights: str | None) -> tuple[LoraRequest, ...]
     applied first at scale 1, before the request's own lora_weights."""
     if replicate_weights is None:
         return ()
-    _require_type("replicate_weights", replicate_weights, (str,), "a string")
+    require_type("replicate_weights", replicate_weights, (str,), "a string")
     if not replicate_weights.strip():
         return ()
     reference = parse_reference("replicate_weights", replicate_weights)
@@ -393,9 +371,9 @@ def _replicate_weights(replicate_weights: str | None) -> tuple[LoraRequest, ...]
 def _resolve_loras(lora_weights: str | None, lora_scales: str | None) -> tuple[LoraRequest, ...]:
     """The LoRA references with their scales (one scale for all, or one each; default 1)."""
     if lora_weights is not None:
-        _require_type("lora_weights", lora_weights, (str,), "a string")
+        require_type("lora_weights", lora_weights, (str,), "a string")
     if lora_scales is not None:
-        _require_type("lora_scales", lora_scales, (str,), "a string of numbers")
+        require_type("lora_scales", lora_scales, (str,), "a string of numbers")
     references = [parse_reference("lora_weights", item) for item in _split_list(lora_weights or "")]
     if len(references) > MAX_LORAS:
         raise InputError("lora_weights", f"names {len(references)} LoRAs; the limit is {MAX_LORAS}")
@@ -405,7 +383,7 @@ def _resolve_loras(lora_weights: str | None, lora_scales: str | None) -> tuple[L
             scale = float(item)
         except ValueError:
             raise InputError("lora_scales", f"must be numbers separated by commas, got {item!r}") from None
-        _check_range("lora_scales", scale, LORA_SCALE_MIN, LORA_SCALE_MAX)
+        check_range("lora_scales", scale, LORA_SCALE_MIN, LORA_SCALE_MAX)
         scales.append(scale)
     if scales and not references:
         raise InputError("lora_scales", "is set but lora_weights names no LoRA")
@@ -428,7 +406,7 @@ def _first_outpaint_field(outpaint: Outpaint) -> str:
 
 def _check_outpaint(outpaint: Outpaint) -> Outpaint:
     for name, amount in zip(OUTPAINT_FIELDS, outpaint.amounts, strict=True):
-        _check_int(name, amount, OUTPAINT_MIN, OUTPAINT_MAX)
+        check_int(name, amount, OUTPAINT_MIN, OUTPAINT_MAX)
     return outpaint
 
 
