@@ -626,6 +626,11 @@ def hostile_inputs() -> list[tuple[str, dict[str, Any], set[str] | None]]:
     }
     for name, (data, expected) in images.items():
         cases.append((f"image: {name}", {**base, IMAGE: _bytes_uri(data), STRENGTH: 1.0}, expected))
+        # The same file as a control image: refused naming controlnet_1_image, or read (and the
+        # request then refused naming controlnet_1: the bundled ControlNet does not fit this model).
+        control = {**base, "controlnet_1": "shapes-silhouette", "controlnet_1_image": _bytes_uri(data)}
+        refused = {"controlnet_1_image"} if expected else {"controlnet_1"}
+        cases.append((f"controlnet_1_image: {name}", control, refused))
     for field_name in (LORA_WEIGHTS, EMBEDDINGS):  # the server runs with SDCOG_MAX_ADAPTER_MB=1
         for name, uri in hostile_archives(field_name).items():
             cases.append((f"{field_name}: {name}", {**base, field_name: uri}, {field_name}))
