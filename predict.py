@@ -78,10 +78,13 @@ class Predictor(BasePredictor):
         ),
         num_outputs: int = Input(description="Number of images to generate.", default=1, ge=1, le=4),
         num_inference_steps: int | None = Input(
-            description="Number of denoising steps. Default: 30.", default=None, ge=1, le=500
+            description="Number of denoising steps. Default: 30; a few-step model's own (SDXL Turbo 1, SDXL Lightning 2/4/8 as the model, LCM 4), also when an LCM or Lightning LoRA is in lora_weights.",  # noqa: E501
+            default=None,
+            ge=1,
+            le=500,
         ),
         guidance_scale: float | None = Input(
-            description="Classifier-free guidance scale: how closely to follow the prompt. 0 or 1 turns guidance off (for Turbo/LCM-style models). Default: 7.5 for SD 1.x/2.x, 7.0 for SDXL.",  # noqa: E501
+            description="Classifier-free guidance scale: how closely to follow the prompt. 0 or 1 turns guidance off (for Turbo/LCM-style models). Default: 7.5 for SD 1.x/2.x, 7.0 for SDXL; a few-step model's own (Turbo and Lightning 0, LCM 1).",  # noqa: E501
             default=None,
             ge=0,
             le=30,
@@ -111,9 +114,10 @@ class Predictor(BasePredictor):
             le=1024,
         ),
         scheduler: str = Input(
-            description="Sampler. The classic Replicate names, plus AUTOMATIC1111's sampler names.",
-            default="DPM++ 2M Karras",
+            description="Sampler. The classic Replicate names, plus AUTOMATIC1111's sampler names. default: the model's own: DPM++ 2M Karras, or a few-step model's (Turbo: K_EULER_ANCESTRAL, Lightning: K_EULER, both with trailing timesteps; LCM: LCM).",  # noqa: E501
+            default="default",
             choices=[
+                "default",
                 "DDIM",
                 "K_EULER",
                 "K_EULER_ANCESTRAL",
@@ -290,6 +294,12 @@ class Predictor(BasePredictor):
             description="Also return each ControlNet's preprocessed control map (what it followed), after the images.",  # noqa: E501
             default=False,
         ),
+        clip_skip: int = Input(
+            description="AUTOMATIC1111's clip skip: 1 uses the text encoder's last layer, 2 the one before it (what many anime-style SD 1.x checkpoints expect), and so on.",  # noqa: E501
+            default=1,
+            ge=1,
+            le=12,
+        ),
         hf_api_token: Secret | None = Input(
             description="Hugging Face token for private or gated LoRA and embedding repositories; sent to Hugging Face only, never logged. Default: the server's HF_TOKEN.",  # noqa: E501
             default=None,
@@ -315,6 +325,7 @@ class Predictor(BasePredictor):
                     num_inference_steps=num_inference_steps,
                     guidance_scale=guidance_scale,
                     scheduler=scheduler,
+                    clip_skip=clip_skip,
                     seed=seed,
                     output_format=output_format,
                     output_quality=output_quality,
@@ -389,7 +400,12 @@ class Predictor(BasePredictor):
             encoding = time.monotonic()
             directory = self.outputs.next()
             paths = await asyncio.to_thread(
-                write_outputs, generation, request, self.engine.weights.name, directory
+                write_outputs,
+                generation,
+                request,
+                self.engine.weights.name,
+                directory,
+                self.engine.model_hash.short if self.engine.model_hash else None,
             )
             self._record_metrics(
                 {**job.timings(), "encode_s": time.monotonic() - encoding, "batch_size": job.batch_size}

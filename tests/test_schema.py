@@ -11,7 +11,7 @@ from cog.input import FieldInfo
 
 import predict
 from sdcog.resolve import request as rules
-from sdcog.resolve.schedulers import DEFAULT_SCHEDULER, SCHEDULER_NAMES
+from sdcog.resolve.schedulers import MODEL_DEFAULT, SCHEDULER_CHOICES
 from sdcog_tools.cog_schema import build_schema, load_predictor_info, main, write_schema
 
 
@@ -89,8 +89,12 @@ def test_declared_ranges_and_choices_are_the_rules_the_request_enforces(schema):
     }
     for name, (low, high) in expected_ranges.items():
         assert (properties[name]["minimum"], properties[name]["maximum"]) == (low, high), name
-    assert tuple(components["scheduler"]["enum"]) == SCHEDULER_NAMES
-    assert properties["scheduler"]["default"] == DEFAULT_SCHEDULER
+    assert tuple(components["scheduler"]["enum"]) == SCHEDULER_CHOICES
+    assert properties["scheduler"]["default"] == MODEL_DEFAULT
+    assert (properties["clip_skip"]["minimum"], properties["clip_skip"]["maximum"]) == (
+        rules.CLIP_SKIP_MIN,
+        rules.CLIP_SKIP_MAX,
+    )
     assert tuple(components["output_format"]["enum"]) == rules.OUTPUT_FORMATS
     assert properties["output_format"]["default"] == rules.DEFAULT_OUTPUT_FORMAT
     assert properties["output_quality"]["default"] == rules.DEFAULT_QUALITY

@@ -70,7 +70,8 @@ def batch_key(request: GenerationRequest, adapters: FetchedAdapters) -> tuple:
     Inpainting with several images per request runs alone: diffusers encodes a lone request's
     input image once, with its first image's generator, which a batch of several input images
     cannot reproduce."""
-    alone = object() if request.mode == Mode.INPAINT and request.num_outputs > 1 else None
+    inpainting = request.mode == Mode.INPAINT or request.inpainting_model
+    alone = object() if inpainting and request.num_outputs > 1 else None
     return (
         alone,
         request.mode,
@@ -79,6 +80,8 @@ def batch_key(request: GenerationRequest, adapters: FetchedAdapters) -> tuple:
         request.num_inference_steps,
         request.scheduler,
         request.guidance_scale,
+        request.few_step,
+        request.clip_skip,
         request.prompt_strength if request.mode != Mode.TEXT_TO_IMAGE else None,
         request.num_outputs,
         request.disable_safety_checker,

@@ -44,9 +44,12 @@ from sdcog.model.acceleration import (
     pipeline_dtype,
     save_compile_cache,
 )
-from sdcog.model.families import ModelFamily, detect_family
-from sdcog.model.weights import WeightsInfo
+from sdcog.model.checkpoint_loading import ModelHash, find_vae, load_checkpoint, use_vae
+from sdcog.model.checkpoints import INPAINTING_CHANNELS, check_configs_fit, folder_few_step
+from sdcog.model.families import ModelFamily, detect_family, unet_config
+from sdcog.model.weights import WeightsError, WeightsInfo, read_source
 from sdcog.model.weights_check import explain_load_error, inspect_weights
+from sdcog.resolve.few_step import FewStep
 from sdcog.resolve.request import (
     GenerationRequest,
     Mode,
@@ -83,6 +86,10 @@ class Engine:
     loras: LoraAdapters
     pipeline_parameters: dict[tuple[Mode, bool], frozenset[str]]
     """Per mode, plain and steered by ControlNets, the names its pipeline class's constructor takes."""
+    few_step: FewStep | None = None
+    """The few-step kind of the model (sdcog/resolve/few_step.py), whose defaults requests get."""
+    model_hash: ModelHash | None = None
+    """A single-file checkpoint's short hash, for the metadata's `Model hash`."""
 
     @classmethod
     def around(
@@ -117,10 +124,15 @@ class Engine:
         diffusers.utils.logging.disable_progress_bar()
         transformers.utils.logging.disable_progress_bar()
         weights = inspect_weights(directory)
-        family = detect_family(directory)
+        directory = weights.directory
+        checkpoint = weights.checkpoint
+        family = checkpoint.family if checkpoint else detect_family(directory)
+        if checkpoint:
+            check_configs_fit(checkpoint, detect_family(directory), unet_config(directory))
+            log.info("setup: %s is %s", checkpoint.path.name, checkpoint.describe())
         device = device or default_device()
         dtype = pipeline_dtype(family, device)
-        files = list(Path(directory).glob("*/*.safetensors"))
+        files = [checkpoint.path] if checkpoint else list(Path(directory).glob("*/*.safetensors"))
         log.info(
             "setup: loading %s (%s) from %s: %d safetensors files, %.1f MB%s, onto %s as %s",
             weights.name,
@@ -133,22 +145,37 @@ class Engine:
             str(dtype).removeprefix("torch."),
         )
         try:
-            pipeline = pipeline_class(family, Mode.TEXT_TO_IMAGE).from_pretrained(
-                directory,
-                local_files_only=True,
-                use_safetensors=True,
-                dtype=dtype,
-                variant=weights.variant,
-                # Straight from the files onto the GPU, not through a CPU copy of every weight.
-                device_map=device.type if device.type == "cuda" else None,
-            )
+            if checkpoint:
+                pipeline = load_checkpoint(
+                    pipeline_class(family, Mode.TEXT_TO_IMAGE), checkpoint, directory, dtype
+                )
+            else:
+                pipeline = pipeline_class(family, Mode.TEXT_TO_IMAGE).from_pretrained(
+                    directory,
+                    local_files_only=True,
+                    use_safetensors=True,
+                    dtype=dtype,
+                    variant=weights.variant,
+                    # Straight from the files onto the GPU, not through a CPU copy of every weight.
+                    device_map=device.type if device.type == "cuda" else None,
+                )
+            vae = find_vae(directory, checkpoint)
+            if vae is not None:
+                use_vae(pipeline, vae, directory / "vae")
             pipeline.hf_device_map = None  # one device: nothing to dispatch, so .to() stays allowed
+        except WeightsError:
+            raise
         except Exception as error:  # a damage the checks cannot see: name the file and the fix
             raise explain_load_error(directory, error) from error
         loaded = time.perf_counter()
         pipeline.to(device)
         fast_path = apply_fast_path(pipeline, device)
         engine = cls.around(pipeline, family, weights, device)
+        engine.few_step, why = (checkpoint.few_step, "") if checkpoint else folder_few_step(directory)
+        if checkpoint:
+            engine.model_hash = ModelHash(checkpoint.path, read_source(directory)[0])
+        elif engine.few_step:
+            log.info("setup: a few-step model, %s (%s)", engine.few_step.label, why)
         limits = engine.limits
         log.info(
             "setup: loaded %s in %.1f s (reading %.1f s, moving to %s %.1f s); components: %s; "
@@ -200,7 +227,13 @@ class Engine:
         sample_size = self.pipeline.unet.config.sample_size
         height, width = (sample_size, sample_size) if isinstance(sample_size, int) else sample_size
         scale = self.pipeline.vae_scale_factor
-        return ModelLimits(family=self.family, native_width=width * scale, native_height=height * scale)
+        return ModelLimits(
+            family=self.family,
+            native_width=width * scale,
+            native_height=height * scale,
+            few_step=self.few_step,
+            inpainting=self.pipeline.unet.config.in_channels == INPAINTING_CHANNELS,
+        )
 
     @property
     def has_safety_checker(self) -> bool:
@@ -263,8 +296,10 @@ class Engine:
             arguments = self._call_arguments(
                 live, [prompts[job] for job in live], self._on_step_end(progress)
             )
+            arguments.update(self.prompts.call_arguments(request.clip_skip))
             # 5. Denoise and decode.
-            output = _run_or_stopped_or_out_of_memory(pipeline, arguments)
+            with self.prompts.skipping_in_call(request.clip_skip):
+                output = _run_or_stopped_or_out_of_memory(pipeline, arguments)
         if output is _STOPPED:
             return deferred
         if output is _OUT_OF_MEMORY:
@@ -320,7 +355,11 @@ class Engine:
             active.used.clear()
             try:
                 arguments = job.context.run(
-                    self.prompts.arguments, job.request.prompt, job.request.negative_prompt, active.expand
+                    self.prompts.arguments,
+                    job.request.prompt,
+                    job.request.negative_prompt,
+                    active.expand,
+                    job.request.clip_skip,
                 )
             except Exception as error:
                 job.finish(error)
@@ -345,13 +384,17 @@ class Engine:
         """
         loaded = self.pipeline
         controlled = bool(controlnets)
-        parameters = self.pipeline_parameters[(request.mode, controlled)]
+        mode = Mode.INPAINT if request.inpainting_model else request.mode
+        parameters = self.pipeline_parameters[(mode, controlled)]
         components = {name: module for name, module in loaded.components.items() if name in parameters}
         if controlled:
             models = [controlnet.model for controlnet in controlnets]
             components["controlnet"] = models[0] if len(models) == 1 else MultiControlNetModel(models)
         components["scheduler"] = build_scheduler(
-            request.scheduler, loaded.scheduler.config, request.num_inference_steps
+            request.scheduler,
+            loaded.scheduler.config,
+            request.num_inference_steps,
+            request.few_step.timestep_spacing if request.few_step else None,
         )
         # Constructor settings that are config values, not modules (requires_safety_checker,
         # force_zeros_for_empty_prompt, ...), carried over from the loaded pipeline.
@@ -365,7 +408,7 @@ class Engine:
             settings["requires_safety_checker"] = False
         if "add_watermarker" in parameters:
             settings["add_watermarker"] = False  # as the plain SDXL pipelines here: no watermark
-        per_request = pipeline_class(self.family, request.mode, controlled)(**components, **settings)
+        per_request = pipeline_class(self.family, mode, controlled)(**components, **settings)
         per_request.set_progress_bar_config(disable=True)
         return per_request
 
@@ -416,18 +459,24 @@ class Engine:
             output_type="pil",
             callback_on_step_end=on_step_end,
         )
-        if request.mode != Mode.IMAGE_TO_IMAGE:
+        if request.mode != Mode.IMAGE_TO_IMAGE or request.inpainting_model:
             arguments.update(width=request.width, height=request.height)
 
-        def per_image(name: str) -> object:
+        def per_image(value: Callable[[GenerationRequest], object]) -> object:
             if len(jobs) == 1:
-                return getattr(request, name)
-            return [getattr(job.request, name) for job in jobs for _ in range(request.num_outputs)]
+                return value(request)
+            return [value(job.request) for job in jobs for _ in range(request.num_outputs)]
 
         if request.mode != Mode.TEXT_TO_IMAGE:
-            arguments.update(image=per_image("init_image"), strength=request.prompt_strength)
+            arguments.update(image=per_image(lambda each: each.init_image), strength=request.prompt_strength)
         if request.mode == Mode.INPAINT:
-            arguments.update(mask_image=per_image("mask_image"))
+            arguments.update(mask_image=per_image(lambda each: each.mask_image))
+        elif request.inpainting_model:
+            # An inpainting model repaints the whole canvas: text-to-image from pure noise (strength
+            # 1), image-to-image from the input image, as AUTOMATIC1111 runs such a model.
+            arguments.update(image=per_image(_canvas), mask_image=per_image(_whole_mask))
+            if request.mode == Mode.TEXT_TO_IMAGE:
+                arguments.update(strength=1.0)
         if request.controlnets:
             arguments.update(_control_arguments(jobs))
         arguments.update(Prompts.joined(prompts))
@@ -514,6 +563,16 @@ def pipeline_class(family: ModelFamily, mode: Mode, controlled: bool = False) ->
         Mode.INPAINT: family.inpaint_pipeline_class,
     }[mode]
     return getattr(diffusers, name)
+
+
+def _canvas(request: GenerationRequest) -> Image.Image:
+    """The image an inpainting model starts from: the input image, or (text-to-image) a grey one,
+    which the whole-canvas mask hides from it."""
+    return request.init_image or Image.new("RGB", (request.width, request.height), (127, 127, 127))
+
+
+def _whole_mask(request: GenerationRequest) -> Image.Image:
+    return Image.new("L", (request.width, request.height), 255)
 
 
 def _control_arguments(jobs: list[Job]) -> dict[str, Any]:

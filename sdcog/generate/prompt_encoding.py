@@ -17,7 +17,8 @@ AUTOMATIC1111. Nothing is dropped up to `MAX_PROMPT_TOKENS`; a longer prompt is 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -55,6 +56,11 @@ class ParsedPrompt:
         return self.tokens > WINDOW_TOKENS or is_weighted(self.fragments)
 
 
+def _stack(encoder: torch.nn.Module) -> torch.nn.Module:
+    """A CLIP text encoder's stack of transformer layers (`.layers`), in transformers 4 and 5."""
+    return getattr(encoder, "text_model", encoder).encoder
+
+
 def text_encoders(pipeline: DiffusionPipeline) -> list[tuple]:
     """The pipeline's (tokenizer, text encoder) pairs: one for SD 1.x/2.x, two for SDXL."""
     return [
@@ -75,6 +81,8 @@ class PromptEncoder:
         encoders = text_encoders(pipeline)
         self.tokenizers = [tokenizer for tokenizer, _ in encoders]
         self.is_xl = hasattr(pipeline, "text_encoder_2")
+        self._layers = {_stack(encoder): _stack(encoder).layers for _, encoder in encoders}
+        """Each text encoder's transformer and its whole list of layers (clip skip leaves the last out)."""
         # SDXL: the penultimate layer's states, not normalised, as diffusers uses them; SD 1.x/2.x:
         # the last layer's, normalised.
         returned = (
@@ -121,15 +129,30 @@ class PromptEncoder:
         return ParsedPrompt(field, text, fragments, tokens)
 
     def arguments(
-        self, prompt: str, negative_prompt: str, expand: Callable[[str], str] | None = None
+        self,
+        prompt: str,
+        negative_prompt: str,
+        expand: Callable[[str], str] | None = None,
+        clip_skip: int = 1,
     ) -> dict[str, object]:
         """`prompt`/`negative_prompt` for the pipeline when both fit one window without weights,
         else their embeddings (`prompt_embeds`, `negative_prompt_embeds`, and SDXL's pooled ones).
-        `expand`: see `parse`."""
+        `expand`: see `parse`. `clip_skip` (AUTOMATIC1111's: 2 = the layer before the last) is
+        diffusers' `clip_skip` + 1 on the plain path (the caller passes it); here, the windows are
+        encoded by the encoders without their last `clip_skip - 1` layers, which is the same."""
+        layers = min(len(stack) for stack in self._layers.values())
+        if clip_skip > layers:
+            raise InputError(
+                "clip_skip", f"is {clip_skip}, but this model's text encoder has {layers} layers"
+            )
         positive = self.parse("prompt", prompt, expand)
         negative = self.parse("negative_prompt", negative_prompt, expand)
         if not (positive.needs_windows or negative.needs_windows):
             return dict(prompt=positive.text, negative_prompt=negative.text or None)
+        with self._skipping(clip_skip - 1):
+            return self._embeddings(positive, negative)
+
+    def _embeddings(self, positive: ParsedPrompt, negative: ParsedPrompt) -> dict[str, object]:
         embeds, pooled = self._encode(positive)
         arguments: dict[str, object] = dict(prompt_embeds=embeds)
         if pooled is not None:
@@ -159,9 +182,32 @@ class PromptEncoder:
         ]
         pooled = None
         last = self.compels[-1]
-        if last.requires_pooled:
-            pooled = last.conditioning_provider.get_pooled_embeddings([prompt.text], device=last.device)
+        if last.requires_pooled:  # from the whole encoder, as diffusers' clip_skip leaves it
+            with self._skipping(0):
+                pooled = last.conditioning_provider.get_pooled_embeddings([prompt.text], device=last.device)
         return torch.cat(per_encoder, dim=-1), pooled
+
+    @contextmanager
+    def _skipping(self, skipped: int) -> Iterator[None]:
+        """The text encoders without their last `skipped` layers, for the time of the block."""
+        before = {stack: stack.layers for stack in self._layers}
+        try:
+            for stack, layers in self._layers.items():
+                stack.layers = layers[: len(layers) - skipped]
+            yield
+        finally:
+            for stack, layers in before.items():
+                stack.layers = layers
+
+    def skipping_in_call(self, clip_skip: int) -> AbstractContextManager:
+        """Around a pipeline call that encodes plain prompts itself: SD 1.x/2.x's encoders without
+        their last layers (diffusers' own clip_skip reaches for `text_model`, which transformers 5's
+        CLIPTextModel no longer has); SDXL's take `call_arguments` instead."""
+        return nullcontext() if self.is_xl else self._skipping(clip_skip - 1)
+
+    def call_arguments(self, clip_skip: int) -> dict[str, object]:
+        """SDXL's diffusers `clip_skip` (layers skipped, counted from the penultimate it already uses)."""
+        return {"clip_skip": clip_skip - 1} if self.is_xl and clip_skip > 1 else {}
 
     @staticmethod
     def _windows(compel: Compel, fragments: list[Fragment]) -> torch.Tensor:

@@ -94,6 +94,10 @@ def _read_json(path: Path) -> dict[str, Any]:
         return json.load(handle)
 
 
+def unet_config(weights_dir: Path) -> dict[str, Any]:
+    return _read_json(weights_dir / "unet" / "config.json")
+
+
 def detect_family(weights_dir: Path) -> ModelFamily:
     """Tell the family of a diffusers pipeline directory from its configs, without loading weights."""
     model_index = _read_json(weights_dir / "model_index.json")
@@ -101,8 +105,7 @@ def detect_family(weights_dir: Path) -> ModelFamily:
     if class_name.startswith("StableDiffusionXL"):
         return SDXL
     if class_name.startswith("StableDiffusion") and "XL" not in class_name:
-        unet_config = _read_json(weights_dir / "unet" / "config.json")
-        if unet_config.get("cross_attention_dim") == _SD2_CROSS_ATTENTION_DIM:
+        if unet_config(weights_dir).get("cross_attention_dim") == _SD2_CROSS_ATTENTION_DIM:
             return SD2
         return SD1
     raise UnsupportedModelError(

@@ -1,7 +1,9 @@
 """Where the weights are and how to fetch them.
 
-The model serves one diffusers-format pipeline directory (safetensors only):
-- the directory named by the environment variable MODEL_WEIGHTS, when it is set;
+The model serves one diffusers-format pipeline directory (safetensors only), or one single-file
+checkpoint beside its family's configs (sdcog/model/checkpoints.py):
+- what the environment variable MODEL_WEIGHTS names, when it is set (a directory, or a checkpoint
+  file whose directory holds the configs);
 - else `weights/` in the project root, which `script/download-weights MODEL_ID` fills;
 - else the small bundled model in `models/shapes-sd` (trained by `script/train-bundled-model`),
   so a fresh clone generates real (if tiny) pictures with no download.
@@ -19,6 +21,7 @@ import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from sdcog.pinned_internals import relies_on_internals
 
@@ -49,6 +52,9 @@ class WeightsInfo:
     variant: str | None
     """The weights variant to load ("fp16" or None): the one sdcog-source.json records, else "fp16"
     when the model components have `*.fp16.safetensors` files (or an fp16 shard index)."""
+    checkpoint: Any = None
+    """The single-file checkpoint's `CheckpointInfo` (sdcog/model/checkpoints.py); None for a
+    diffusers pipeline folder."""
 
 
 def resolve_weights_dir(environ: Mapping[str, str] = os.environ) -> Path:
@@ -60,7 +66,14 @@ def resolve_weights_dir(environ: Mapping[str, str] = os.environ) -> Path:
     configured = environ.get(WEIGHTS_ENV, "").strip()
     if configured:
         directory = Path(configured).expanduser()
+        if directory.is_file():  # a checkpoint: its configs beside it
+            if not (directory.parent / "model_index.json").is_file():
+                raise missing_configs_error(directory)
+            return directory
         if not (directory / "model_index.json").is_file():
+            lone = _lone_checkpoint(directory)
+            if lone is not None:
+                raise missing_configs_error(lone)
             raise WeightsError(
                 f"{WEIGHTS_ENV}={configured} is not a diffusers pipeline directory "
                 f"(no {directory / 'model_index.json'}). Point {WEIGHTS_ENV} at one, or unset it and "
@@ -69,6 +82,9 @@ def resolve_weights_dir(environ: Mapping[str, str] = os.environ) -> Path:
         return directory
     if (DEFAULT_WEIGHTS_DIR / "model_index.json").is_file():
         return DEFAULT_WEIGHTS_DIR
+    lone = _lone_checkpoint(DEFAULT_WEIGHTS_DIR)
+    if lone is not None and not (DEFAULT_WEIGHTS_DIR / SOURCE_FILE).is_file():
+        raise missing_configs_error(lone)
     downloading = hub_download_leftovers(DEFAULT_WEIGHTS_DIR) is not None
     if (DEFAULT_WEIGHTS_DIR / SOURCE_FILE).is_file() or downloading:
         raise partial_download_error(DEFAULT_WEIGHTS_DIR)
@@ -80,6 +96,27 @@ def resolve_weights_dir(environ: Mapping[str, str] = os.environ) -> Path:
         f" run `script/download-weights {DEFAULT_MODEL_ID}` (or another diffusers Stable "
         f"Diffusion repo id), or set {WEIGHTS_ENV}=/path/to/a/diffusers/pipeline "
         "(`script/make-random-pipeline tiny-sd15 DIR` makes a tiny random-weight one for trying things)."
+    )
+
+
+def _lone_checkpoint(directory: Path) -> Path | None:
+    """A checkpoint file put in a directory without the configs it needs (the first one)."""
+    if not directory.is_dir():
+        return None
+    found = sorted(
+        path
+        for path in directory.iterdir()
+        if path.suffix.lower() in (WEIGHTS_SUFFIX, ".ckpt") and not path.name.endswith(".vae.safetensors")
+    )
+    return found[0] if found else None
+
+
+def missing_configs_error(checkpoint: Path) -> WeightsError:
+    return WeightsError(
+        f"{checkpoint} is a single file without the configs and tokenizers of its family beside it "
+        f"(no {checkpoint.parent / 'model_index.json'}); setup never fetches them from a hub. Run "
+        f"`script/download-weights {shlex.quote(str(checkpoint))}` once: it reads what the file is "
+        "and fetches them beside it."
     )
 
 

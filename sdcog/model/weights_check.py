@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
+from sdcog.model.checkpoints import find_checkpoint, inspect_checkpoint
 from sdcog.model.safetensors_files import MAX_HEADER_BYTES, header_length
 from sdcog.model.weights import (
     FP16_VARIANT,
@@ -257,8 +258,19 @@ def _weights_files(
     return [], [(f"{single} is missing{detail}", None)]
 
 
-def inspect_weights(directory: Path) -> WeightsInfo:
-    """Check that `directory` is a complete safetensors pipeline; raise WeightsError naming what is wrong.
+_IN_CHECKPOINT = frozenset({"unet", "vae", "text_encoder", "text_encoder_2"})
+"""The components a single-file checkpoint holds (the rest: optional folders beside it)."""
+
+
+def inspect_weights(path: Path) -> WeightsInfo:
+    """Check that `path` is a complete safetensors pipeline, or a single-file checkpoint with its
+    configs beside it; raise WeightsError naming what is wrong.
+
+    `path` is a pipeline directory, a directory holding one checkpoint (see
+    `sdcog.model.checkpoints.find_checkpoint`), or a checkpoint file. For a checkpoint, the file is
+    checked by `inspect_checkpoint` (family, variant, completeness) and the folders beside it as
+    below, except that the UNet, VAE and text encoders' weights come from the file and a safety
+    checker is loaded only when its folder has weights.
 
     Fast by design (SDXL's ~7 GB of weights are never read or hashed): it reads the small JSON and
     text files and the header of each weights file that loading will use. Checked:
@@ -281,12 +293,16 @@ def inspect_weights(directory: Path) -> WeightsInfo:
     `explain_load_error`), the contents of merges.txt, and files loading does not read (pickles,
     another variant's weights).
     """
+    path = Path(path)
+    directory = path.parent if path.is_file() else path
     source, source_problem = read_source(directory)
     if source_problem:
         raise _weights_error(directory, source, [source_problem])
     unfinished = _unfinished_download(directory, source)
     if unfinished:
         raise _weights_error(directory, source, [unfinished], purpose="to finish it")
+    file = path if path.is_file() else find_checkpoint(directory, source)
+    checkpoint = inspect_checkpoint(file) if file is not None else None
     index_path = directory / "model_index.json"
     if not index_path.is_file():
         raise _weights_error(directory, source, [(f"{index_path} is missing", None)])
@@ -309,6 +325,9 @@ def inspect_weights(directory: Path) -> WeightsInfo:
     weights_files: list[Path] = []
     for component in components:
         folder = directory / component.name
+        if checkpoint is not None and component.kind in ("model", "processor"):
+            if component.name in _IN_CHECKPOINT or not folder.is_dir():
+                continue  # from the file, or an optional part (a safety checker) left out
         if not folder.is_dir():
             problems.append((f"{folder} is missing (model_index.json names it)", None))
             continue
@@ -332,6 +351,9 @@ def inspect_weights(directory: Path) -> WeightsInfo:
             problems.append((problem, path))
     if problems:
         raise _weights_error(directory, source, problems)
+    if checkpoint is not None:
+        name = source.get("model_id") or checkpoint.path.stem
+        return WeightsInfo(directory=directory, name=str(name), variant=None, checkpoint=checkpoint)
     name = source.get("model_id") or directory.resolve().name
     return WeightsInfo(directory=directory, name=str(name), variant=variant)
 

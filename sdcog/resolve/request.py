@@ -37,13 +37,16 @@ from sdcog.resolve.control import (
     check_slots,
     resolve_control,
 )
-from sdcog.resolve.schedulers import DEFAULT_SCHEDULER, SCHEDULER_NAMES
+from sdcog.resolve.few_step import FewStep, few_step_of_loras
+from sdcog.resolve.schedulers import DEFAULT_SCHEDULER, MODEL_DEFAULT, SCHEDULER_CHOICES
 from sdcog.write.infotext import JPEG_PROMPT_BYTES, prompt_lines_utf16_bytes
 
 SIZE_MIN, SIZE_MAX = 64, 2048
 NUM_OUTPUTS_MIN, NUM_OUTPUTS_MAX = 1, 4
 STEPS_MIN, STEPS_MAX = 1, 500
 GUIDANCE_MIN, GUIDANCE_MAX = 0.0, 30.0
+CLIP_SKIP_MIN, CLIP_SKIP_MAX = 1, 12
+"""AUTOMATIC1111's range: 1 (the last layer) to 12 (the first of CLIP ViT-L's twelve)."""
 SEED_MIN, SEED_MAX = 0, 2**32 - 1
 MAX_PROMPT_CHARS = 20_000
 """The longest prompt or negative prompt read, in characters: checked first, so a huge one costs
@@ -76,6 +79,10 @@ class ModelLimits:
     family: ModelFamily
     native_width: int
     native_height: int
+    few_step: FewStep | None = None
+    """A few-step model's kind (sdcog/resolve/few_step.py): its defaults fill omitted inputs."""
+    inpainting: bool = False
+    """An inpainting model (9-channel UNet): every mode runs through its inpainting pipeline."""
 
 
 @dataclass(frozen=True)
@@ -128,6 +135,14 @@ class GenerationRequest:
     """The ControlNets steering it, in slot order (none: the plain pipeline, as before)."""
     return_control_maps: bool = False
     """Also return each ControlNet's preprocessed control map, after the images."""
+    few_step: FewStep | None = None
+    """The few-step kind in force (the model's, or an LCM/Lightning LoRA's): its timestep spacing
+    applies to any scheduler."""
+    clip_skip: int = 1
+    """AUTOMATIC1111's clip skip: 1 uses the text encoder's last layer, 2 the one before, ..."""
+    inpainting_model: bool = False
+    """The model is an inpainting model: text-to-image and image-to-image run as inpainting of
+    the whole canvas."""
 
     @property
     def seeds(self) -> list[int]:
@@ -193,7 +208,7 @@ def resolve_request(
     num_outputs: int = 1,
     num_inference_steps: int | None = None,
     guidance_scale: float | None = None,
-    scheduler: str = DEFAULT_SCHEDULER,
+    scheduler: str = MODEL_DEFAULT,
     seed: int | None = None,
     output_format: str = DEFAULT_OUTPUT_FORMAT,
     output_quality: int = DEFAULT_QUALITY,
@@ -211,6 +226,7 @@ def resolve_request(
     canny_low_threshold: int = DEFAULT_CANNY_LOW,
     canny_high_threshold: int = DEFAULT_CANNY_HIGH,
     return_control_maps: bool = False,
+    clip_skip: int = 1,
 ) -> GenerationRequest:
     """Check every input and fill every default; raises InputError on the first broken rule.
 
@@ -254,11 +270,16 @@ def resolve_request(
             f"{family.pixel_budget:,}-pixel budget of {family.label} models; "
             "ask for a smaller size or fewer outputs",
         )
+    loras = _replicate_weights(replicate_weights) + _resolve_loras(lora_weights, lora_scales)
+    few_step = model.few_step or few_step_of_loras([lora.reference.text for lora in loras])
     if num_inference_steps is None:
-        num_inference_steps = family.default_steps
+        num_inference_steps = few_step.steps if few_step else family.default_steps
     num_inference_steps = check_int("num_inference_steps", num_inference_steps, STEPS_MIN, STEPS_MAX)
     if guidance_scale is None:
-        guidance_scale = family.default_guidance
+        guidance_scale = few_step.guidance if few_step else family.default_guidance
+    scheduler = check_choice("scheduler", scheduler, SCHEDULER_CHOICES)
+    if scheduler == MODEL_DEFAULT:
+        scheduler = few_step.scheduler if few_step else DEFAULT_SCHEDULER
     require_type("guidance_scale", guidance_scale, (int, float), "a number")
     check_range("guidance_scale", guidance_scale, GUIDANCE_MIN, GUIDANCE_MAX)
     require_type("disable_safety_checker", disable_safety_checker, (bool,), "true or false")
@@ -281,7 +302,7 @@ def resolve_request(
         num_outputs=num_outputs,
         num_inference_steps=num_inference_steps,
         guidance_scale=float(guidance_scale),
-        scheduler=check_choice("scheduler", scheduler, SCHEDULER_NAMES),
+        scheduler=scheduler,
         seed=_resolve_seed(seed, num_outputs),
         output_format=output_format,
         output_quality=check_int("output_quality", output_quality, QUALITY_MIN, QUALITY_MAX),
@@ -291,10 +312,13 @@ def resolve_request(
         prompt_strength=float(prompt_strength),
         outpaint=outpaint,
         disable_safety_checker=disable_safety_checker,
-        loras=_replicate_weights(replicate_weights) + _resolve_loras(lora_weights, lora_scales),
+        loras=loras,
         embeddings=_resolve_embeddings(embeddings),
         controlnets=controls,
         return_control_maps=return_control_maps,
+        few_step=few_step,
+        clip_skip=check_int("clip_skip", clip_skip, CLIP_SKIP_MIN, CLIP_SKIP_MAX),
+        inpainting_model=model.inpainting,
     )
 
 

@@ -76,11 +76,21 @@ SCHEDULERS: Mapping[str, SchedulerSpec] = MappingProxyType(
 
 SCHEDULER_NAMES: tuple[str, ...] = tuple(SCHEDULERS)
 DEFAULT_SCHEDULER = "DPM++ 2M Karras"
+"""What `default` means for a model that is not a few-step model."""
+MODEL_DEFAULT = "default"
+"""The `scheduler` input's default: the model's own sampler (DEFAULT_SCHEDULER, or a few-step
+model's, sdcog/resolve/few_step.py)."""
+SCHEDULER_CHOICES: tuple[str, ...] = (MODEL_DEFAULT, *SCHEDULER_NAMES)
 
 
-def build_scheduler(name: str, base_config: Mapping[str, Any], steps: int | None = None) -> SchedulerMixin:
+def build_scheduler(
+    name: str, base_config: Mapping[str, Any], steps: int | None = None, timestep_spacing: str | None = None
+) -> SchedulerMixin:
     """A new scheduler instance for one request; `name` must be one of SCHEDULER_NAMES. With `steps`,
-    a step count the scheduler cannot run is refused naming num_inference_steps."""
+    a step count the scheduler cannot run is refused naming num_inference_steps; `timestep_spacing`
+    (a few-step model's "trailing") overrides the config's."""
+    if timestep_spacing is not None:
+        base_config = {**base_config, "timestep_spacing": timestep_spacing}
     scheduler = SCHEDULERS[name].build(base_config)
     # LCM picks its steps among those of its distillation schedule (original_inference_steps).
     most = scheduler.config.get("original_inference_steps")

@@ -142,6 +142,7 @@ def generation_infotext(
     loras: Sequence[AppliedLora] = (),
     embeddings: Sequence[AppliedEmbedding] = (),
     controlnets: Sequence[LoadedControlNet] = (),
+    model_hash: str | None = None,
 ) -> str:
     """The infotext of one image of `request`, generated from `seed` (`safety`: the checker's verdict;
     `loras`: the LoRAs applied, as AUTOMATIC1111's `Lora hashes`, with their scales; `embeddings`:
@@ -152,9 +153,16 @@ def generation_infotext(
         "CFG scale": f"{request.guidance_scale:g}",
         "Seed": seed,
         "Size": f"{request.width}x{request.height}",
+        "Model hash": model_hash,
         "Model": model_name,
         "Mode": request.mode,
     }
+    if request.clip_skip > 1:
+        fields["Clip skip"] = request.clip_skip
+    if request.few_step:
+        fields["Few-step"] = request.few_step.label
+        if request.few_step.timestep_spacing:
+            fields["Timestep spacing"] = request.few_step.timestep_spacing
     if request.mode != Mode.TEXT_TO_IMAGE:
         fields["Denoising strength"] = f"{request.prompt_strength:g}"
     if request.mode == Mode.INPAINT:
@@ -191,7 +199,11 @@ def controlnet_infotext(controlnet: LoadedControlNet) -> str:
 
 
 def write_outputs(
-    generation: Generation, request: GenerationRequest, model_name: str, directory: Path
+    generation: Generation,
+    request: GenerationRequest,
+    model_name: str,
+    directory: Path,
+    model_hash: str | None = None,
 ) -> list[Path]:
     """Encode each image of `generation` into `directory` with its own parameters embedded: the
     request's, its seed, the safety checker's verdict (when the model has a checker), and the LoRAs
@@ -215,6 +227,7 @@ def write_outputs(
                 loras,
                 embeddings,
                 generation.controlnets,
+                model_hash,
             ),
             exact,
         )
