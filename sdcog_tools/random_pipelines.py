@@ -18,7 +18,7 @@ import sys
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +26,13 @@ import torch
 from diffusers import (
     AutoencoderKL,
     ControlNetModel,
+    DDIMScheduler,
     DiffusionPipeline,
     EulerDiscreteScheduler,
     PNDMScheduler,
+    StableDiffusionInpaintPipeline,
     StableDiffusionPipeline,
+    StableDiffusionXLInpaintPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
@@ -57,13 +60,23 @@ cat dog horse astronaut mars moon sun sky sea mountain tree flower house city st
 riding standing sitting flying light dark bright colorful detailed high quality blurry
 """.split()
 
-# The scheduler configs the real checkpoints ship (SD 1.5 and SDXL base 1.0).
+# The scheduler configs the real checkpoints ship (SD 1.5, SD 2.1 and SDXL base 1.0).
 SD15_SCHEDULER = {
     "beta_start": 0.00085,
     "beta_end": 0.012,
     "beta_schedule": "scaled_linear",
     "num_train_timesteps": 1000,
     "skip_prk_steps": True,
+    "steps_offset": 1,
+    "set_alpha_to_one": False,
+    "clip_sample": False,
+    "prediction_type": "epsilon",
+}
+SD2_SCHEDULER = {  # DDIM, as SD 2.1 ships it; the 768-v models differ only in prediction_type
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
     "steps_offset": 1,
     "set_alpha_to_one": False,
     "clip_sample": False,
@@ -271,6 +284,72 @@ def _tiny_sdxl() -> DiffusionPipeline:
     )
 
 
+def _tiny_sd2(prediction_type: str = "epsilon") -> DiffusionPipeline:
+    """SD 2.x at tiny size: a UNet attending to 1024-wide text states with linear projections, and
+    an OpenCLIP-like text encoder. It has to be 1024 wide (OpenCLIP ViT-H's width: the project and
+    diffusers tell SD 2.x by it), so it is the one big part; SD 2.x ships no safety checker."""
+    tokenizer = make_tokenizer(pad_token="!")  # SD 2.x's tokenizer pads with "!"
+    open_clip = dict(hidden_size=1024, intermediate_size=64, num_attention_heads=16, num_hidden_layers=2)
+    return StableDiffusionPipeline(
+        unet=UNet2DConditionModel(
+            **_TINY_UNET, cross_attention_dim=1024, attention_head_dim=(2, 4), use_linear_projection=True
+        ),
+        vae=_tiny_vae(),
+        text_encoder=CLIPTextModel(text_config(tokenizer, None, **open_clip, hidden_act="gelu")),
+        tokenizer=tokenizer,
+        scheduler=DDIMScheduler.from_config(dict(SD2_SCHEDULER, prediction_type=prediction_type)),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def _with_inpainting_unet(pipeline: DiffusionPipeline, pipeline_class: type) -> DiffusionPipeline:
+    """`pipeline` as an inpainting one: its UNet's architecture with 9 input channels (latents,
+    mask, masked-image latents) and fresh random weights, every other component as it is."""
+    config = {key: value for key, value in pipeline.unet.config.items() if not key.startswith("_")}
+    unet = UNet2DConditionModel.from_config(dict(config, in_channels=9))
+    options = {key: value for key, value in pipeline.config.items() if key == "requires_safety_checker"}
+    return pipeline_class(**dict(pipeline.components, unet=unet), **options)
+
+
+def _tiny_sd15_inpainting() -> DiffusionPipeline:
+    return _with_inpainting_unet(_tiny_sd15(), StableDiffusionInpaintPipeline)
+
+
+def _tiny_sdxl_distinct_encoders() -> DiffusionPipeline:
+    """tiny-sdxl with a second text encoder twice as wide as the first, as the real ones differ
+    (CLIP-L 768, OpenCLIP bigG 1280). diffusers' single-file loader tells SDXL's two encoders
+    apart by width alone: from a single file of tiny-sdxl (both 32 wide) it loads text_encoder_2
+    with the first encoder's weights."""
+    tokenizer, tokenizer_2 = make_tokenizer(), make_tokenizer(pad_token="!")
+    first = dict(_TINY_CLIP, projection_dim=32)
+    second = dict(first, hidden_size=64)
+    time_embed_dim = 8
+    return StableDiffusionXLPipeline(
+        unet=UNet2DConditionModel(
+            **_TINY_UNET,
+            attention_head_dim=(2, 4),
+            use_linear_projection=True,
+            transformer_layers_per_block=(1, 2),
+            cross_attention_dim=first["hidden_size"] + second["hidden_size"],
+            addition_embed_type="text_time",
+            addition_time_embed_dim=time_embed_dim,
+            projection_class_embeddings_input_dim=6 * time_embed_dim + second["projection_dim"],
+        ),
+        vae=_tiny_vae(force_upcast=True),
+        text_encoder=CLIPTextModel(text_config(tokenizer, None, **first)),
+        text_encoder_2=CLIPTextModelWithProjection(text_config(tokenizer_2, None, **second)),
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        scheduler=EulerDiscreteScheduler.from_config(SDXL_SCHEDULER),
+    )
+
+
+def _tiny_sdxl_inpainting() -> DiffusionPipeline:
+    return _with_inpainting_unet(_tiny_sdxl_distinct_encoders(), StableDiffusionXLInpaintPipeline)
+
+
 def _clip_vit_l(tokenizer: CLIPTokenizer) -> CLIPTextConfig:
     return text_config(
         tokenizer,
@@ -364,6 +443,23 @@ PRESETS: dict[str, Preset] = {
         "SD 1.x architecture, tiny (UNet 32/64 channels, 2-layer CLIP, safety checker)", _tiny_sd15
     ),
     "tiny-sdxl": Preset("SDXL architecture, tiny (two 2-layer CLIP encoders, text_time UNet)", _tiny_sdxl),
+    "tiny-sd2": Preset(
+        "SD 2.x architecture, tiny (1024-wide 2-layer OpenCLIP-like encoder, linear-projection UNet)",
+        _tiny_sd2,
+    ),
+    "tiny-sd2-v": Preset(
+        "SD 2.x 768-v style, tiny: tiny-sd2 with a v-prediction scheduler", partial(_tiny_sd2, "v_prediction")
+    ),
+    "tiny-sd15-inpainting": Preset(
+        "SD 1.x inpainting, tiny: tiny-sd15 with a 9-channel UNet", _tiny_sd15_inpainting
+    ),
+    "tiny-sdxl-distinct-encoders": Preset(
+        "SDXL architecture, tiny, its text encoders 32 and 64 wide (so its single file loads in diffusers)",
+        _tiny_sdxl_distinct_encoders,
+    ),
+    "tiny-sdxl-inpainting": Preset(
+        "SDXL inpainting, tiny: tiny-sdxl-distinct-encoders with a 9-channel UNet", _tiny_sdxl_inpainting
+    ),
     "sd15-real-arch": Preset(
         "SD 1.5 UNet/VAE/CLIP ViT-L and safety checker at full size (~1.4 B parameters)", _sd15_real_arch
     ),
