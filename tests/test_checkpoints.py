@@ -244,3 +244,35 @@ def test_a_checkpoint_without_configs_says_to_fetch_them_once(checkpoints, tmp_p
     assert resolve_weights_dir({"MODEL_WEIGHTS": str(checkpoints["tiny-sd15"])}) == checkpoints["tiny-sd15"]
     assert Engine.load(checkpoints["tiny-sd15"]).weights.checkpoint is not None
     assert Mode.TEXT_TO_IMAGE  # (imported for the inpainting test's readers)
+
+
+class _Payload:
+    """What a hostile pickle carries: unpickling it would call os.system."""
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("touch /tmp/sdcog-pickle-ran",))
+
+
+def test_convert_checkpoint_keeps_the_tensors_and_refuses_code(checkpoints, tmp_path):
+    from safetensors.torch import load_file
+
+    from sdcog_tools.convert_checkpoint import main
+
+    tensors = load_file(checkpoints["tiny-sd15"])
+    ckpt = tmp_path / "model.ckpt"
+    torch.save({"state_dict": tensors, "global_step": 10}, ckpt)
+    assert main([str(ckpt)]) == 0
+    converted = load_file(tmp_path / "model.safetensors")
+    assert converted.keys() == tensors.keys() and all(torch.equal(converted[k], tensors[k]) for k in tensors)
+    assert inspect_checkpoint(tmp_path / "model.safetensors").family.key == "sd1"
+    hostile = tmp_path / "hostile.ckpt"
+    torch.save({"state_dict": tensors, "payload": _Payload()}, hostile)
+    import pathlib
+
+    pathlib.Path("/tmp/sdcog-pickle-ran").unlink(missing_ok=True)
+    assert main([str(hostile)]) == 1
+    assert (
+        not pathlib.Path("/tmp/sdcog-pickle-ran").exists() and not (tmp_path / "hostile.safetensors").exists()
+    )
