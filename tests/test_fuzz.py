@@ -434,6 +434,8 @@ def valid_value(name: str, prop: dict[str, Any]) -> st.SearchStrategy[Any]:
         return st.sampled_from(["auto", "width_height"])
     if name == "return_control_maps":  # refused without a ControlNet
         return st.just(False)
+    if name == "clip_skip":  # the tiny models' text encoders have 2 layers
+        return st.integers(1, 2)
     if name == "canny_low_threshold":  # at most the high threshold
         return st.integers(1, 128)
     if name == "canny_high_threshold":
@@ -565,6 +567,8 @@ def curated_invalid_inputs() -> list[tuple[dict[str, Any], set[str]]]:
         ({**base, "sizing_strategy": "controlnet_3_image"}, {"sizing_strategy"}),
         ({**base, "return_control_maps": True}, {"return_control_maps"}),
         ({**base, "canny_low_threshold": 250}, {"canny_low_threshold"}),
+        ({**base, "clip_skip": 12}, {"clip_skip"}),  # more layers than the model has
+        ({**base, "clip_skip": 13}, {"clip_skip"}),
     ]
     return cases
 
