@@ -179,3 +179,14 @@ def test_controlnets_steer_in_half_precision_and_scale_0_is_the_plain_image(
     assert np.abs(steered(1.0) - plain).mean() > 1
     assert np.array_equal(steered(0.0), plain)
     assert np.array_equal(pixels(engine)[0], plain), "nothing stays attached"
+
+
+def test_a_single_file_checkpoint_on_the_gpu_draws_what_its_folder_draws(gpu_engines, tiny_sd15, tmp_path):
+    """from_single_file in half precision, onto the GPU: the same modules and dtype as the folder's."""
+    from sdcog_tools.single_file_checkpoints import save_checkpoint_dir
+
+    file = save_checkpoint_dir(tiny_sd15, tmp_path / "file")
+    engine = Engine.load(file.parent, CUDA)
+    assert engine.pipeline.unet.dtype == gpu_engines["tiny-sd15"].pipeline.unet.dtype
+    assert engine.pipeline.unet.device.type == "cuda"
+    assert np.abs(pixels(engine) - pixels(gpu_engines["tiny-sd15"])).max() <= 1
