@@ -276,3 +276,13 @@ def test_convert_checkpoint_keeps_the_tensors_and_refuses_code(checkpoints, tmp_
     assert (
         not pathlib.Path("/tmp/sdcog-pickle-ran").exists() and not (tmp_path / "hostile.safetensors").exists()
     )
+
+
+def test_a_pipeline_folder_with_its_single_file_beside_it_loads_as_the_folder(folders, checkpoints, tmp_path):
+    """Hub repos such as SDXL base hold both; the folder (what download-weights fetches) wins."""
+    import shutil
+
+    both = tmp_path / "both"
+    shutil.copytree(folders["tiny-sd15"], both)
+    shutil.copy(checkpoints["tiny-sd15"], both / "sd15.safetensors")
+    assert Engine.load(both).weights.checkpoint is None

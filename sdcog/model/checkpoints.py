@@ -132,10 +132,13 @@ def pickle_error(path: Path) -> WeightsError:
 def find_checkpoint(directory: Path, source: Mapping[str, object]) -> Path | None:
     """The single-file checkpoint a weights directory serves: the one sdcog-source.json names,
     else the one `.safetensors` file at its top level (VAEs `*.vae.safetensors` aside); None when
-    it has none (a diffusers pipeline folder). Pickles there are refused, several files too."""
+    it has none, or is a diffusers pipeline with its UNet's weights. Pickles there are refused,
+    several files too."""
     named = source.get("checkpoint")
     if isinstance(named, str) and named:
         return directory / named
+    if any((directory / "unet").glob(f"*{WEIGHTS_SUFFIX}")):
+        return None  # a whole diffusers pipeline (hub repos often hold its single file beside it)
     candidates = sorted(
         path
         for path in directory.glob(f"*{WEIGHTS_SUFFIX}")
