@@ -1,5 +1,6 @@
-"""`script/download-weights`: fetch a diffusers pipeline from the Hugging Face hub into weights/,
-and bake ControlNets (`--controlnet NAME`) and preprocessor weights (`--preprocessor depth`) into
+"""`script/download-weights`: fetch a model into weights/ (a diffusers pipeline from the Hugging Face
+hub, or a single-file checkpoint with its family's configs: sdcog_tools/checkpoint_download.py), and
+bake ControlNets (`--controlnet NAME`) and preprocessor weights (`--preprocessor depth`) into
 controlnets/, where setup() finds them offline (see sdcog/generate/controlnets.py)."""
 
 from __future__ import annotations
@@ -27,15 +28,25 @@ from sdcog.model.weights import (
 )
 from sdcog.model.weights_check import inspect_weights
 from sdcog.resolve.control import CONTROLNETS
+from sdcog_tools.checkpoint_download import (
+    DOWNLOAD_TOKEN_ENV,
+    FEW_STEP_CHOICES,
+    PREDICTION_TYPES,
+    DownloadError,
+    Options,
+    PipelineRepo,
+    download_checkpoint,
+    hub_errors,
+    hub_failure,
+    parse_reference,
+    refuse_another_model,
+    resolve_repo,
+)
 
 DEPTH_REPOSITORY = "depth-anything/Depth-Anything-V2-Small-hf"
 """The depth estimator baked by `--preprocessor depth` (Apache-2.0, 25 M parameters, transformers' own)."""
 FP16_FILE = "diffusion_pytorch_model.fp16.safetensors"
 NO_LIMIT = 100 * 10**9
-
-
-class DownloadError(RuntimeError):
-    pass
 
 
 def _fetch(repository: str, name: str, out: Path, token: str | None) -> Path:
@@ -108,17 +119,75 @@ def bake_preprocessor(name: str, root: Path = PREPROCESSORS_DIR, token: str | No
     return directory
 
 
+def download_model(reference: str, args: argparse.Namespace, token: str | None) -> None:
+    """A diffusers pipeline repo with `download_pipeline`, anything else as a single-file checkpoint."""
+    options = Options(
+        hf_token=token,
+        url_token=args.token or os.environ.get(DOWNLOAD_TOKEN_ENV) or None,
+        sha256=args.sha256,
+        prediction_type=args.prediction_type,
+        few_step=args.few_step,
+    )
+    target = parse_reference(reference, args.revision)
+    commit = None
+    if isinstance(target, PipelineRepo):
+        target, commit = resolve_repo(target.repo, target.revision, token)
+    if not isinstance(target, PipelineRepo):
+        download_checkpoint(target, reference, args.dest, options, commit)
+        return
+    destination = args.dest or DEFAULT_WEIGHTS_DIR
+    if options.declarations() or options.sha256:
+        raise DownloadError(
+            f"{target.repo} is a diffusers pipeline: --sha256, --prediction-type and --few-step are for "
+            "single-file checkpoints (a pipeline's scheduler config says its prediction type)"
+        )
+    refuse_another_model(destination, reference, model_id=target.repo)
+    try:
+        directory = download_pipeline(target.repo, destination, args.revision, token=token)
+    except hub_errors() as error:
+        raise hub_failure(error, target.repo, "run the same command again to finish it") from error
+    info = inspect_weights(directory)
+    print(
+        f"{target.repo} ({info.variant or 'full precision'}) is in {directory}; setup() loads it from there."
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="script/download-weights", description=__doc__)
     parser.add_argument(
         "model_id",
         nargs="?",
         default=None,
-        help=f"hub repo id (default {DEFAULT_MODEL_ID}, unless only extras are asked for)",
+        metavar="REF",
+        help="what to download: owner/repo (a diffusers pipeline, or a repo with one checkpoint "
+        ".safetensors at its root), owner/repo/<file>.safetensors, a huggingface.co/<owner>/<repo>/"
+        "resolve/<rev>/<file> URL, another https:// URL (Civitai...), or a local .safetensors file "
+        f"(its configs are fetched beside it). Default {DEFAULT_MODEL_ID}, unless only extras are asked for",
     )
     parser.add_argument("--revision", default=None, help="branch, tag or commit (default: main)")
     parser.add_argument(
-        "--dest", type=Path, default=DEFAULT_WEIGHTS_DIR, help="target directory (default weights/)"
+        "--dest",
+        type=Path,
+        default=None,
+        help="target directory (default weights/; for a local checkpoint, its own directory)",
+    )
+    parser.add_argument(
+        "--sha256", metavar="HEX", help="a checkpoint's expected sha256 (else the hub's, else recorded)"
+    )
+    parser.add_argument(
+        "--token",
+        default=None,
+        help=f"bearer token for a plain URL (default: ${DOWNLOAD_TOKEN_ENV}); HF_TOKEN for the hub",
+    )
+    parser.add_argument(
+        "--prediction-type",
+        choices=PREDICTION_TYPES,
+        help="declare a checkpoint's prediction type (used when the file has no marker of its own)",
+    )
+    parser.add_argument(
+        "--few-step",
+        choices=FEW_STEP_CHOICES,
+        help="declare a checkpoint's few-step kind (used when the file has no marker of its own)",
     )
     parser.add_argument(
         "--controlnet",
@@ -135,13 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     token = os.environ.get("HF_TOKEN")
     try:
         if args.model_id is not None or not (args.controlnet or args.preprocessor):
-            model_id = args.model_id or DEFAULT_MODEL_ID
-            directory = download_pipeline(model_id, args.dest, args.revision, token=token)
-            info = inspect_weights(directory)
-            print(
-                f"{model_id} ({info.variant or 'full precision'}) is in {directory}; "
-                "setup() loads it from there."
-            )
+            download_model(args.model_id or DEFAULT_MODEL_ID, args, token)
         if args.controlnet:
             weights = resolve_weights_dir()
             family = detect_family(weights)
@@ -153,6 +216,9 @@ def main(argv: list[str] | None = None) -> int:
     except (WeightsError, DownloadError, InputError) as error:
         print(f"download-weights: {error}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("download-weights: interrupted; run the same command again to finish.", file=sys.stderr)
+        return 130
     return 0
 
 
