@@ -34,6 +34,13 @@ from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 import httpx
 
 from sdcog.fetch.adapter_references import hf_endpoint
+from sdcog.model.checkpoints import (
+    FEW_STEP_SETTING,
+    PICKLE_SUFFIXES,
+    PREDICTION_SETTING,
+    VAE_SUFFIX,
+    is_pickle_start,
+)
 from sdcog.model.safetensors_files import (
     MAX_HEADER_BYTES,
     NotSafetensors,
@@ -50,12 +57,7 @@ from sdcog.model.weights import (
 )
 
 CHECKPOINT_SUFFIX = ".safetensors"
-VAE_SUFFIX = ".vae.safetensors"
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
 DOWNLOAD_TOKEN_ENV = "DOWNLOAD_TOKEN"
-PREDICTION_TYPES = ("epsilon", "v_prediction")
-FEW_STEP_CHOICES = ("none", "turbo", "lcm", "lightning-2", "lightning-4", "lightning-8")
-PREDICTION_SETTING, FEW_STEP_SETTING = "SDCOG_PREDICTION_TYPE", "SDCOG_FEW_STEP"
 NOT_CONFIGS = ("safety_checker", "feature_extractor")
 """Folders of a config repository left out: the checkpoint has no safety checker."""
 HUB_HOSTS = ("huggingface.co", "www.huggingface.co", "hf.co")
@@ -400,7 +402,7 @@ def check_start(path: Path, total: int | None = None, delete: bool = True) -> No
     if len(start) < 8:
         return
     problem = None
-    if start.startswith(b"PK\x03\x04") or (start[0] == 0x80 and start[1] in range(2, 6)):
+    if is_pickle_start(start):
         problem = (
             "its first bytes are a pickle (a .ckpt / torch.save file): loading one runs whatever "
             "code it holds"

@@ -17,6 +17,7 @@ from sdcog.fetch.adapter_references import DIFFUSERS_MODEL_FILE, hub_file_url
 from sdcog.fetch.control_maps import DEPTH, PREPROCESSORS_DIR
 from sdcog.fetch.input_files import fetch_url_to
 from sdcog.generate.controlnets import BAKED_CONTROLNETS_DIR, CONFIG_FILE, baked_dir
+from sdcog.model.checkpoints import PREDICTION_TYPES
 from sdcog.model.families import detect_family
 from sdcog.model.safetensors_files import NotSafetensors, read_header
 from sdcog.model.weights import (
@@ -28,10 +29,9 @@ from sdcog.model.weights import (
 )
 from sdcog.model.weights_check import inspect_weights
 from sdcog.resolve.control import CONTROLNETS
+from sdcog.resolve.few_step import SETTING_CHOICES
 from sdcog_tools.checkpoint_download import (
     DOWNLOAD_TOKEN_ENV,
-    FEW_STEP_CHOICES,
-    PREDICTION_TYPES,
     DownloadError,
     Options,
     PipelineRepo,
@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--few-step",
-        choices=FEW_STEP_CHOICES,
+        choices=SETTING_CHOICES,
         help="declare a checkpoint's few-step kind (used when the file has no marker of its own)",
     )
     parser.add_argument(

@@ -259,9 +259,13 @@ def _tiny_sd15() -> DiffusionPipeline:
     )
 
 
-def _tiny_sdxl() -> DiffusionPipeline:
+def _tiny_sdxl(second_width: int = 32) -> DiffusionPipeline:
+    """SDXL at tiny size. `second_width`: the second text encoder's width (tiny-sdxl: 32, as the
+    first; tiny-sdxl-distinct-encoders: 64, as the real ones differ: CLIP-L 768, OpenCLIP bigG
+    1280, and diffusers' single-file loader tells SDXL's two encoders apart by width alone)."""
     tokenizer, tokenizer_2 = make_tokenizer(), make_tokenizer(pad_token="!")
-    sizes = dict(_TINY_CLIP, projection_dim=32)
+    first = dict(_TINY_CLIP, projection_dim=32)
+    second = dict(first, hidden_size=second_width)
     time_embed_dim = 8
     return StableDiffusionXLPipeline(
         unet=UNet2DConditionModel(
@@ -269,15 +273,15 @@ def _tiny_sdxl() -> DiffusionPipeline:
             attention_head_dim=(2, 4),
             use_linear_projection=True,
             transformer_layers_per_block=(1, 2),
-            cross_attention_dim=64,  # both text encoders' hidden states, concatenated
+            cross_attention_dim=first["hidden_size"] + second["hidden_size"],  # both, concatenated
             addition_embed_type="text_time",
             addition_time_embed_dim=time_embed_dim,
             # six micro-conditioning numbers (sizes, crop) embedded, plus the pooled text embedding
-            projection_class_embeddings_input_dim=6 * time_embed_dim + sizes["projection_dim"],
+            projection_class_embeddings_input_dim=6 * time_embed_dim + second["projection_dim"],
         ),
         vae=_tiny_vae(force_upcast=True),
-        text_encoder=CLIPTextModel(text_config(tokenizer, None, **sizes)),
-        text_encoder_2=CLIPTextModelWithProjection(text_config(tokenizer_2, None, **sizes)),
+        text_encoder=CLIPTextModel(text_config(tokenizer, None, **first)),
+        text_encoder_2=CLIPTextModelWithProjection(text_config(tokenizer_2, None, **second)),
         tokenizer=tokenizer,
         tokenizer_2=tokenizer_2,
         scheduler=EulerDiscreteScheduler.from_config(SDXL_SCHEDULER),
@@ -318,32 +322,7 @@ def _tiny_sd15_inpainting() -> DiffusionPipeline:
 
 
 def _tiny_sdxl_distinct_encoders() -> DiffusionPipeline:
-    """tiny-sdxl with a second text encoder twice as wide as the first, as the real ones differ
-    (CLIP-L 768, OpenCLIP bigG 1280). diffusers' single-file loader tells SDXL's two encoders
-    apart by width alone: from a single file of tiny-sdxl (both 32 wide) it loads text_encoder_2
-    with the first encoder's weights."""
-    tokenizer, tokenizer_2 = make_tokenizer(), make_tokenizer(pad_token="!")
-    first = dict(_TINY_CLIP, projection_dim=32)
-    second = dict(first, hidden_size=64)
-    time_embed_dim = 8
-    return StableDiffusionXLPipeline(
-        unet=UNet2DConditionModel(
-            **_TINY_UNET,
-            attention_head_dim=(2, 4),
-            use_linear_projection=True,
-            transformer_layers_per_block=(1, 2),
-            cross_attention_dim=first["hidden_size"] + second["hidden_size"],
-            addition_embed_type="text_time",
-            addition_time_embed_dim=time_embed_dim,
-            projection_class_embeddings_input_dim=6 * time_embed_dim + second["projection_dim"],
-        ),
-        vae=_tiny_vae(force_upcast=True),
-        text_encoder=CLIPTextModel(text_config(tokenizer, None, **first)),
-        text_encoder_2=CLIPTextModelWithProjection(text_config(tokenizer_2, None, **second)),
-        tokenizer=tokenizer,
-        tokenizer_2=tokenizer_2,
-        scheduler=EulerDiscreteScheduler.from_config(SDXL_SCHEDULER),
-    )
+    return _tiny_sdxl(second_width=64)
 
 
 def _tiny_sdxl_inpainting() -> DiffusionPipeline:

@@ -112,9 +112,13 @@ def looks_like_pickle(path: Path) -> bool:
         return True
     try:
         with path.open("rb") as file:
-            start = file.read(4)
+            return is_pickle_start(file.read(4))
     except OSError:
         return False
+
+
+def is_pickle_start(start: bytes) -> bool:
+    """Bytes a pickle file starts with: torch's zip container, or a pickle's protocol 2-5 opcode."""
     return start.startswith(b"PK\x03\x04") or (
         len(start) >= 2 and start[0] == 0x80 and start[1] in range(2, 6)
     )
