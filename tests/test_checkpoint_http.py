@@ -7,7 +7,7 @@ import json
 
 import numpy as np
 import pytest
-from test_http import FAST, assert_refused, data_uri, decode, gradient, pixels, right_half_mask, succeed
+from test_http import FAST, assert_refused, data_uri, decode, gradient, inpaint_right_half, pixels, succeed
 
 from sdcog.model.weights import PROJECT_ROOT, SOURCE_FILE
 from sdcog.write.infotext import parse_infotext_fields
@@ -64,15 +64,7 @@ def test_a_single_file_model_serves_every_mode(server, tmp_path):
     assert decode(text["output"][0], tmp_path)[0].size == (64, 64)
     image_to_image = succeed(server, image=data_uri(source), prompt_strength=0.5, width=None, height=None)
     assert decode(image_to_image["output"][0], tmp_path)[0].size == (96, 64)
-    inpainted = succeed(
-        server,
-        image=data_uri(source),
-        mask=data_uri(right_half_mask(96, 64)),
-        prompt_strength=1.0,
-        width=None,
-        height=None,
-        output_format="png",
-    )
+    inpainted = inpaint_right_half(server, source)
     image = decode(inpainted["output"][0], tmp_path)[0]
     assert np.array_equal(pixels(image)[:, :48], pixels(source)[:, :48])
     outpainted = succeed(server, image=data_uri(source), outpaint_right=32, width=None, height=None)

@@ -209,18 +209,23 @@ def test_img2img_returns_the_input_size_rounded_to_multiples_of_8(server_name, r
     assert "img2img: prompt_strength 0.5 ran 1 of 3 denoising steps" in body["logs"]
 
 
-def test_inpainting_keeps_every_unmasked_pixel_byte_identical(sd15_server, tmp_path):
-    source = gradient(96, 64)
-    body = succeed(
-        sd15_server,
+def inpaint_right_half(server, source, **inputs):
+    """Inpainting of the right half of `source` (a 96x64 gradient), at full strength, as PNG."""
+    return succeed(
+        server,
         image=data_uri(source),
         mask=data_uri(right_half_mask(96, 64)),
         prompt_strength=1.0,
         width=None,
         height=None,
         output_format="png",
-        seed=12,
+        **inputs,
     )
+
+
+def test_inpainting_keeps_every_unmasked_pixel_byte_identical(sd15_server, tmp_path):
+    source = gradient(96, 64)
+    body = inpaint_right_half(sd15_server, source, seed=12)
     image, path = decode(body["output"][0], tmp_path)
     kept = pixels(image)[:, :48]
     assert np.array_equal(kept, pixels(source)[:, :48])
