@@ -309,3 +309,33 @@ def test_the_environment_trains_with_the_bundled_model_through_trainings(venv, b
     header, _, payload = body["output"]["weights"].partition(",")
     with tarfile.open(fileobj=io.BytesIO(base64.b64decode(payload))) as archive:
         assert {"lora.safetensors", "embeddings.pti", "special_params.json"} <= set(archive.getnames())
+
+
+def test_the_environment_serves_a_single_file_checkpoint(
+    venv, build_context, schema_file, tiny_sd15, tmp_path
+):
+    """diffusers' single-file loader and the checks before it run on the image's packages alone."""
+    from sdcog_tools.single_file_checkpoints import save_checkpoint_dir
+
+    checkpoint = save_checkpoint_dir(tiny_sd15, tmp_path / "weights", name="tiny-sd15.safetensors")
+    with (
+        mock.patch.object(sys, "executable", str(venv / "bin" / "python")),
+        running_server(
+            build_context, env={"MODEL_WEIGHTS": str(checkpoint), "PYTHONNOUSERSITE": "1"}
+        ) as server,
+    ):
+        response = server.predict(
+            {
+                "prompt": "a red circle",
+                "width": 64,
+                "height": 64,
+                "num_inference_steps": 2,
+                "output_format": "png",
+            }
+        )
+        setup_log = server.log()
+    body = response.json()
+    assert body["status"] == "succeeded", body.get("error") or body.get("logs")
+    assert "setup: tiny-sd15.safetensors is Stable Diffusion 1.x" in setup_log
+    with Image.open(io.BytesIO(base64.b64decode(body["output"][0].partition(",")[2]))) as image:
+        assert "Model hash: " in image.info["parameters"]
