@@ -167,31 +167,22 @@ def test_clip_skip_uses_an_earlier_layer_on_both_prompt_paths(preset, folders):
     assert "2 layers" in str(refused.value)
 
 
-def test_a_separate_vae_beside_the_checkpoint_replaces_the_models_own(folders, tmp_path):
+def test_a_separate_vae_beside_the_checkpoint_replaces_the_models_own(folders, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
     file = save_checkpoint_dir(folders["tiny-sd15"], tmp_path / "own")
     own = image(Engine.load(file.parent))
     other = save_checkpoint_dir(save_pipeline("tiny-sd15", tmp_path / "other", seed=5), tmp_path / "o")
-    from safetensors.torch import load_file
-
-    vae = {
-        k.removeprefix("first_stage_model."): v
-        for k, v in load_file(other).items()
-        if k.startswith("first_stage_model.")
-    }
-    save_file(vae, file.parent / "model.vae.safetensors")
-    replaced = Engine.load(file.parent)
-    assert np.abs(image(replaced) - own).mean() > 1
-    xl_vae = tmp_path / "xl-vae.safetensors"
-    save_file({"encoder.down.0.block.0.conv1.weight": torch.zeros(3, 3, 3, 3)}, xl_vae)
+    prefix = "first_stage_model."
+    vae = {k.removeprefix(prefix): v for k, v in load_file(other).items() if k.startswith(prefix)}
+    save_file(vae, file.parent / "model.vae.safetensors")  # original layout, AUTOMATIC1111's name
+    assert np.abs(image(Engine.load(file.parent)) - own).mean() > 1
     (file.parent / "model.vae.safetensors").unlink()
-    with pytest.raises(WeightsError, match="xl-vae.safetensors"):
-        import os
-
-        os.environ["VAE_WEIGHTS"] = str(xl_vae)
-        try:
-            Engine.load(file.parent)
-        finally:
-            del os.environ["VAE_WEIGHTS"]
+    wrong = tmp_path / "xl-vae.safetensors"
+    save_file({"encoder.down.0.block.0.conv1.weight": torch.zeros(3, 3, 3, 3)}, wrong)
+    monkeypatch.setenv("VAE_WEIGHTS", str(wrong))
+    with pytest.raises(WeightsError, match="xl-vae.safetensors does not fit this model's VAE"):
+        Engine.load(file.parent)
 
 
 def refused(path, match):
@@ -286,3 +277,16 @@ def test_a_pipeline_folder_with_its_single_file_beside_it_loads_as_the_folder(fo
     shutil.copytree(folders["tiny-sd15"], both)
     shutil.copy(checkpoints["tiny-sd15"], both / "sd15.safetensors")
     assert Engine.load(both).weights.checkpoint is None
+
+
+def test_vae_weights_in_diffusers_layout_replace_a_folder_models_vae(folders, tmp_path, monkeypatch):
+    """VAE_WEIGHTS applies to any model; a VAE file in diffusers' key layout (as the fp16-fix SDXL
+    VAE's diffusion_pytorch_model.safetensors) is read as such; a folder too."""
+    engine = Engine.load(folders["tiny-sd15"])
+    own = image(engine)
+    other = save_pipeline("tiny-sd15", tmp_path / "other", seed=5)
+    monkeypatch.setenv("VAE_WEIGHTS", str(other / "vae" / "diffusion_pytorch_model.safetensors"))
+    from_file = image(Engine.load(folders["tiny-sd15"]))
+    monkeypatch.setenv("VAE_WEIGHTS", str(other / "vae"))
+    from_folder = image(Engine.load(folders["tiny-sd15"]))
+    assert np.array_equal(from_file, from_folder) and np.abs(from_file - own).mean() > 1
