@@ -30,18 +30,10 @@ from sdcog.model.weights import (
 from sdcog.model.weights_check import inspect_weights
 from sdcog.resolve.control import CONTROLNETS
 from sdcog.resolve.few_step import SETTING_CHOICES
-from sdcog_tools.checkpoint_download import (
-    DOWNLOAD_TOKEN_ENV,
-    DownloadError,
-    Options,
-    PipelineRepo,
-    download_checkpoint,
-    hub_errors,
-    hub_failure,
-    parse_reference,
-    refuse_another_model,
-    resolve_repo,
-)
+from sdcog_tools.checkpoint_download import download_checkpoint, refuse_another_model
+from sdcog_tools.checkpoint_references import DownloadError, Options, PipelineRepo, parse_reference
+from sdcog_tools.hub_checkpoint import hub_errors, hub_failure, resolve_repo
+from sdcog_tools.url_download import DOWNLOAD_TOKEN_ENV
 
 DEPTH_REPOSITORY = "depth-anything/Depth-Anything-V2-Small-hf"
 """The depth estimator baked by `--preprocessor depth` (Apache-2.0, 25 M parameters, transformers' own)."""
