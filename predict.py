@@ -300,6 +300,50 @@ class Predictor(BasePredictor):
             ge=1,
             le=12,
         ),
+        hires_scale: float = Input(
+            description="Hires fix (text-to-image): draw at width x height, upscale by this factor, and repaint at the larger size with image-to-image, which keeps the layout and avoids the doubled subjects a model draws far above its native size. 1 turns it off. The pixel budget applies to the final size.",  # noqa: E501
+            default=1.0,
+            ge=1,
+            le=4,
+        ),
+        hires_steps: int | None = Input(
+            description="Hires fix: the repaint's num_inference_steps (int(hires_steps x hires_denoising_strength) run). Default (or 0): num_inference_steps.",  # noqa: E501
+            default=None,
+            ge=0,
+            le=500,
+        ),
+        hires_denoising_strength: float = Input(
+            description="Hires fix: how much of the upscaled image is repainted: 0 keeps it, 1 replaces it. Latent upscalers need about 0.5 or more.",  # noqa: E501
+            default=0.55,
+            ge=0,
+            le=1,
+        ),
+        hires_upscaler: str = Input(
+            description="Hires fix: how the first pass is enlarged: its latents (Latent: bilinear, bicubic, nearest-exact) or its decoded image (Lanczos, Nearest).",  # noqa: E501
+            default="Latent",
+            choices=["Latent", "Latent (bicubic)", "Latent (nearest-exact)", "Lanczos", "Nearest"],
+        ),
+        refine: str = Input(
+            description="SDXL refiner (when refiner weights are loaded): expert_ensemble_refiner lets the base denoise the first high_noise_frac of the steps and the refiner the rest; base_image_refiner refines the base's finished image (strength 0.3, refine_steps).",  # noqa: E501
+            default="no_refiner",
+            choices=["no_refiner", "expert_ensemble_refiner", "base_image_refiner"],
+        ),
+        high_noise_frac: float = Input(
+            description="expert_ensemble_refiner: the fraction of the schedule the base denoises before the refiner takes over.",  # noqa: E501
+            default=0.8,
+            ge=0,
+            le=1,
+        ),
+        refine_steps: int | None = Input(
+            description="base_image_refiner: the refiner's num_inference_steps (30% of them run). Default: num_inference_steps.",  # noqa: E501
+            default=None,
+            ge=1,
+            le=500,
+        ),
+        apply_watermark: bool = Input(
+            description="Embed SDXL's invisible watermark (invisible-watermark, dwtDctSvd) in images of 256x256 pixels or more, so downstream tools can tell them generated; smaller images say in their metadata that they carry none. Off: the pixels exactly as generated.",  # noqa: E501
+            default=True,
+        ),
         hf_api_token: Secret | None = Input(
             description="Hugging Face token for private or gated LoRA and embedding repositories; sent to Hugging Face only, never logged. Default: the server's HF_TOKEN.",  # noqa: E501
             default=None,
@@ -326,6 +370,14 @@ class Predictor(BasePredictor):
                     guidance_scale=guidance_scale,
                     scheduler=scheduler,
                     clip_skip=clip_skip,
+                    hires_scale=hires_scale,
+                    hires_steps=hires_steps,
+                    hires_denoising_strength=hires_denoising_strength,
+                    hires_upscaler=hires_upscaler,
+                    refine=refine,
+                    high_noise_frac=high_noise_frac,
+                    refine_steps=refine_steps,
+                    apply_watermark=apply_watermark,
                     seed=seed,
                     output_format=output_format,
                     output_quality=output_quality,

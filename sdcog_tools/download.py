@@ -1,7 +1,8 @@
 """`script/download-weights`: fetch a model into weights/ (a diffusers pipeline from the Hugging Face
 hub, or a single-file checkpoint with its family's configs: sdcog_tools/checkpoint_download.py), and
 bake ControlNets (`--controlnet NAME`) and preprocessor weights (`--preprocessor depth`) into
-controlnets/, where setup() finds them offline (see sdcog/generate/controlnets.py)."""
+controlnets/, and the SDXL refiner (`--refiner`) into refiner/, where setup() finds them offline
+(see sdcog/generate/controlnets.py and refiner.py)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from sdcog.fetch.adapter_references import DIFFUSERS_MODEL_FILE, hub_file_url
 from sdcog.fetch.control_maps import DEPTH, PREPROCESSORS_DIR
 from sdcog.fetch.input_files import fetch_url_to
 from sdcog.generate.controlnets import BAKED_CONTROLNETS_DIR, CONFIG_FILE, baked_dir
+from sdcog.generate.refiner import BAKED_REFINER_DIR
 from sdcog.model.checkpoints import PREDICTION_TYPES
 from sdcog.model.families import detect_family
 from sdcog.model.safetensors_files import NotSafetensors, read_header
@@ -35,6 +37,7 @@ from sdcog_tools.checkpoint_references import DownloadError, Options, PipelineRe
 from sdcog_tools.hub_checkpoint import hub_errors, hub_failure, resolve_repo
 from sdcog_tools.url_download import DOWNLOAD_TOKEN_ENV
 
+REFINER_REPOSITORY = "stabilityai/stable-diffusion-xl-refiner-1.0"
 DEPTH_REPOSITORY = "depth-anything/Depth-Anything-V2-Small-hf"
 """The depth estimator baked by `--preprocessor depth` (Apache-2.0, 25 M parameters, transformers' own)."""
 FP16_FILE = "diffusion_pytorch_model.fp16.safetensors"
@@ -109,6 +112,23 @@ def bake_preprocessor(name: str, root: Path = PREPROCESSORS_DIR, token: str | No
         _fetch(DEPTH_REPOSITORY, file, directory / file, token)
     _verified_safetensors(directory / "model.safetensors")
     return directory
+
+
+def bake_refiner(root: Path = BAKED_REFINER_DIR, token: str | None = None) -> Path:
+    """The SDXL refiner's UNet (fp16 when the repository has it, saved under the plain name) and
+    the configs its loading reads, in refiner/: its VAE and text encoder are the base's, so their
+    weights are not fetched."""
+    for name in ("model_index.json", "scheduler/scheduler_config.json", "unet/config.json"):
+        _fetch(REFINER_REPOSITORY, name, root / name, token)
+    target = root / "unet" / DIFFUSERS_MODEL_FILE
+    for weights in (FP16_FILE, DIFFUSERS_MODEL_FILE):
+        try:
+            _fetch(REFINER_REPOSITORY, f"unet/{weights}", target, token)
+        except InputError:
+            continue
+        _verified_safetensors(target)
+        return root
+    raise DownloadError(f"{REFINER_REPOSITORY} has neither unet/{FP16_FILE} nor unet/{DIFFUSERS_MODEL_FILE}")
 
 
 def download_model(reference: str, args: argparse.Namespace, token: str | None) -> None:
@@ -190,12 +210,17 @@ def main(argv: list[str] | None = None) -> int:
         "or a Hugging Face repository in diffusers format (repeatable)",
     )
     parser.add_argument(
+        "--refiner",
+        action="store_true",
+        help=f"bake the SDXL refiner ({REFINER_REPOSITORY}: its UNet only) into refiner/, for `refine`",
+    )
+    parser.add_argument(
         "--preprocessor", action="append", default=[], choices=[DEPTH], help="bake a preprocessor's weights"
     )
     args = parser.parse_args(argv)
     token = os.environ.get("HF_TOKEN")
     try:
-        if args.model_id is not None or not (args.controlnet or args.preprocessor):
+        if args.model_id is not None or not (args.controlnet or args.preprocessor or args.refiner):
             download_model(args.model_id or DEFAULT_MODEL_ID, args, token)
         if args.controlnet:
             weights = resolve_weights_dir()
@@ -203,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
             for name in args.controlnet:
                 baked = bake_controlnet(name, family.key, token=token)
                 print(f"ControlNet {name} for {family.label} ({weights.name}) is in {baked}.")
+        if args.refiner:
+            print(f"the SDXL refiner is in {bake_refiner(token=token)}; setup() loads it with an SDXL base.")
         for name in args.preprocessor:
             print(f"the {name} preprocessor's weights are in {bake_preprocessor(name, token=token)}.")
     except (WeightsError, DownloadError, InputError) as error:

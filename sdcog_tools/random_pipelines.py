@@ -32,6 +32,7 @@ from diffusers import (
     PNDMScheduler,
     StableDiffusionInpaintPipeline,
     StableDiffusionPipeline,
+    StableDiffusionXLImg2ImgPipeline,
     StableDiffusionXLInpaintPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
@@ -321,6 +322,36 @@ def _tiny_sd15_inpainting() -> DiffusionPipeline:
     return _with_inpainting_unet(_tiny_sd15(), StableDiffusionInpaintPipeline)
 
 
+def _tiny_sdxl_refiner() -> DiffusionPipeline:
+    """An SDXL refiner for tiny-sdxl: an image-to-image pipeline whose UNet reads only the second
+    text encoder's states (32 wide here, 1280 in the real one) and embeds five micro-conditioning
+    numbers (sizes, crop, aesthetic score) where the base embeds six. Its own VAE and text encoder
+    are saved as the real repository has them; the project loads only its UNet."""
+    tokenizer_2 = make_tokenizer(pad_token="!")
+    text = dict(_TINY_CLIP, projection_dim=32)
+    time_embed_dim = 8
+    return StableDiffusionXLImg2ImgPipeline(
+        unet=UNet2DConditionModel(
+            **_TINY_UNET,
+            attention_head_dim=(2, 4),
+            use_linear_projection=True,
+            transformer_layers_per_block=(1, 2),
+            cross_attention_dim=text["hidden_size"],
+            addition_embed_type="text_time",
+            addition_time_embed_dim=time_embed_dim,
+            projection_class_embeddings_input_dim=5 * time_embed_dim + text["projection_dim"],
+        ),
+        vae=_tiny_vae(force_upcast=True),
+        text_encoder=None,
+        text_encoder_2=CLIPTextModelWithProjection(text_config(tokenizer_2, None, **text)),
+        tokenizer=None,
+        tokenizer_2=tokenizer_2,
+        scheduler=EulerDiscreteScheduler.from_config(SDXL_SCHEDULER),
+        requires_aesthetics_score=True,
+        force_zeros_for_empty_prompt=False,
+    )
+
+
 def _tiny_sdxl_distinct_encoders() -> DiffusionPipeline:
     return _tiny_sdxl(second_width=64)
 
@@ -435,6 +466,10 @@ PRESETS: dict[str, Preset] = {
     "tiny-sdxl-distinct-encoders": Preset(
         "SDXL architecture, tiny, its text encoders 32 and 64 wide (so its single file loads in diffusers)",
         _tiny_sdxl_distinct_encoders,
+    ),
+    "tiny-sdxl-refiner": Preset(
+        "SDXL refiner, tiny: image-to-image UNet on tiny-sdxl's second text encoder (5 micro-conditions)",
+        _tiny_sdxl_refiner,
     ),
     "tiny-sdxl-inpainting": Preset(
         "SDXL inpainting, tiny: tiny-sdxl-distinct-encoders with a 9-channel UNet", _tiny_sdxl_inpainting

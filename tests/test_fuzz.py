@@ -436,6 +436,12 @@ def valid_value(name: str, prop: dict[str, Any]) -> st.SearchStrategy[Any]:
         return st.just(False)
     if name == "clip_skip":  # the tiny models' text encoders have 2 layers
         return st.integers(1, 2)
+    if name == "hires_scale":  # a hires fix is for text-to-image only: valid_inputs adds it there
+        return st.just(1.0)
+    if name == "hires_steps":
+        return st.integers(0, 3)
+    if name == "refine":  # no refiner is loaded on the fuzzed model
+        return st.just("no_refiner")
     if name == "canny_low_threshold":  # at most the high threshold
         return st.integers(1, 128)
     if name == "canny_high_threshold":
@@ -475,6 +481,8 @@ def valid_inputs(draw, properties: dict[str, dict[str, Any]]) -> dict[str, Any]:
     if mode == "txt2img":
         if draw(st.booleans()):
             inputs[STRENGTH] = draw(st.floats(0, 1))
+        if draw(st.integers(0, 5)) == 0:  # now and then a cheap hires fix (1 repaint step or more)
+            inputs.update(hires_scale=1.5, hires_denoising_strength=1.0)
     else:
         inputs[IMAGE] = draw(square_image())
         # int(steps x prompt_strength) denoising steps run, and must be at least 1.
@@ -567,6 +575,9 @@ def curated_invalid_inputs() -> list[tuple[dict[str, Any], set[str]]]:
         ({**base, "sizing_strategy": "controlnet_3_image"}, {"sizing_strategy"}),
         ({**base, "return_control_maps": True}, {"return_control_maps"}),
         ({**base, "canny_low_threshold": 250}, {"canny_low_threshold"}),
+        ({**base, "hires_scale": 2, IMAGE: image_uri(64, 64)}, {"hires_scale"}),  # text-to-image only
+        ({**base, "refine": "expert_ensemble_refiner"}, {"refine"}),  # no refiner loaded
+        ({**base, "hires_scale": 2, "hires_denoising_strength": 0.2}, {"hires_denoising_strength"}),
         ({**base, "clip_skip": 12}, {"clip_skip"}),  # more layers than the model has
         ({**base, "clip_skip": 13}, {"clip_skip"}),
     ]

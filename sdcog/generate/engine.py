@@ -33,7 +33,16 @@ from sdcog.generate.generation import Generation
 from sdcog.generate.loras import LoraAdapters
 from sdcog.generate.progress import StepProgress
 from sdcog.generate.prompt_encoding import PromptEncoder
+from sdcog.generate.refiner import Refiner, load_refiner
 from sdcog.generate.safety import SafetyVerdict
+from sdcog.generate.second_passes import (
+    first_pass_arguments,
+    has_second_pass,
+    hires_call,
+    refiner_call,
+    refiner_texts,
+    second_pass_steps,
+)
 from sdcog.model.acceleration import (
     apply_fast_path,
     compile_cache_path,
@@ -51,6 +60,7 @@ from sdcog.model.weights import WeightsError, WeightsInfo, read_source
 from sdcog.model.weights_check import explain_load_error, inspect_weights
 from sdcog.resolve.few_step import FewStep
 from sdcog.resolve.request import (
+    NO_REFINER_LOADED,
     GenerationRequest,
     Mode,
     ModelLimits,
@@ -88,6 +98,10 @@ class Engine:
     """Per mode, plain and steered by ControlNets, the names its pipeline class's constructor takes."""
     few_step: FewStep | None = None
     """The few-step kind of the model (sdcog/resolve/few_step.py), whose defaults requests get."""
+    refiner: Refiner | None = None
+    """The SDXL refiner around this model's modules (sdcog/generate/refiner.py), when one is loaded."""
+    refiner_missing: str | None = NO_REFINER_LOADED
+    """Why `refine` is refused; None when the refiner is loaded."""
     model_hash: ModelHash | None = None
     """A single-file checkpoint's short hash, for the metadata's `Model hash`."""
 
@@ -172,6 +186,7 @@ class Engine:
         fast_path = apply_fast_path(pipeline, device)
         engine = cls.around(pipeline, family, weights, device)
         engine.few_step, why = (checkpoint.few_step, "") if checkpoint else folder_few_step(directory)
+        engine.refiner, engine.refiner_missing = load_refiner(pipeline, family, dtype, device)
         if checkpoint:
             engine.model_hash = ModelHash(checkpoint.path, read_source(directory)[0])
         elif engine.few_step:
@@ -233,6 +248,7 @@ class Engine:
             native_height=height * scale,
             few_step=self.few_step,
             inpainting=self.pipeline.unet.config.in_channels == INPAINTING_CHANNELS,
+            refiner_missing=self.refiner_missing,
         )
 
     @property
@@ -292,14 +308,21 @@ class Engine:
             )
             if not live:
                 return deferred
-            progress = {job: StepProgress(total=request.num_inference_steps) for job in live}
+            later = second_pass_steps(request, pipeline.scheduler)
+            progress = {job: StepProgress(request.num_inference_steps + later, later=later) for job in live}
             arguments = self._call_arguments(
                 live, [prompts[job] for job in live], self._on_step_end(progress)
             )
             arguments.update(self.prompts.call_arguments(request.clip_skip))
-            # 5. Denoise and decode.
+            arguments.update(first_pass_arguments(request))
+            # 5. Denoise and decode, or hand over to a second pass (hires fix, refiner) that does.
             with self.prompts.skipping_in_call(request.clip_skip):
                 output = _run_or_stopped_or_out_of_memory(pipeline, arguments)
+                if has_second_pass(request) and not _failed(output):
+                    for steps in progress.values():
+                        steps.earlier, steps.later = steps.done, 0
+                    pipeline, call = self._second_call(live, output, arguments, active)
+                    output = _run_or_stopped_or_out_of_memory(pipeline, call)
         if output is _STOPPED:
             return deferred
         if output is _OUT_OF_MEMORY:
@@ -342,6 +365,17 @@ class Engine:
                 )
             job.finish(generation)
         return deferred
+
+    def _second_call(
+        self, jobs: list[Job], first: Any, arguments: dict[str, Any], active: ActiveEmbeddings
+    ) -> tuple[DiffusionPipeline, dict[str, Any]]:
+        """The second pass's pipeline and arguments, with each image's seed drawn again."""
+        request = jobs[0].request
+        generators = seeded_generators([seed for job in jobs for seed in job.request.seeds])
+        if request.hires:
+            return hires_call(self._pipeline_for, request, first, arguments, generators)
+        texts = refiner_texts(jobs, lambda field, text: self.prompts.parse(field, text, active.expand).text)
+        return refiner_call(self.refiner.pipeline, request, first, arguments, texts, generators)
 
     def _encode_prompts(
         self, jobs: list[Job], active: ActiveEmbeddings
@@ -418,7 +452,7 @@ class Engine:
         Tiles cost time (a 256x256 decode took 5x as long tiled) and leave faint seams, so the
         size alone never decides: a VAE's tile size is its training size, not a memory limit."""
         vae = self.pipeline.vae
-        needed = decode_bytes(vae, request.width, request.height, images)
+        needed = decode_bytes(vae, *request.output_size, images)
         vae.use_tiling = needed > free_memory_bytes(self.device) // 2
 
     @staticmethod
@@ -431,8 +465,9 @@ class Engine:
             for job, steps in progress.items():
                 if job.done:
                     continue
-                # The scheduler's own step count: fewer with image-to-image, more with 2nd-order samplers.
-                steps.total = running.num_timesteps
+                # The scheduler's own step count (fewer with image-to-image, more with 2nd-order
+                # samplers), with the steps of the passes before and after it.
+                steps.total = steps.earlier + running.num_timesteps + steps.later
                 job.context.run(steps.step)
                 job.denoised = now
                 if job.cancel.is_set():
@@ -606,6 +641,10 @@ class _Stopped(Exception):
 
 _STOPPED = object()
 _OUT_OF_MEMORY = object()
+
+
+def _failed(output: Any) -> bool:
+    return output is _STOPPED or output is _OUT_OF_MEMORY or isinstance(output, BaseException)
 
 
 def _leave(job: Job, where: str) -> None:

@@ -50,8 +50,13 @@ class StepProgress:
         interval: float = DEFAULT_INTERVAL_SECONDS,
         clock: Callable[[], float] = time.perf_counter,
         emit: Callable[[str], None] = log.info,
+        later: int = 0,
     ):
         self.total = total
+        self.earlier = 0
+        """Steps of passes before this one (a second pass counts on from the first's)."""
+        self.later = later
+        """Steps planned for passes after this one, so one total covers both."""
         self.interval = interval
         self.done = 0
         self._clock = clock

@@ -39,6 +39,17 @@ from sdcog.resolve.control import (
 )
 from sdcog.resolve.few_step import FewStep, few_step_of_loras
 from sdcog.resolve.schedulers import DEFAULT_SCHEDULER, MODEL_DEFAULT, SCHEDULER_CHOICES
+from sdcog.resolve.second_passes import (
+    DEFAULT_HIGH_NOISE_FRAC,
+    DEFAULT_HIRES_STRENGTH,
+    DEFAULT_HIRES_UPSCALER,
+    EXPERT_ENSEMBLE,
+    NO_REFINER,
+    HiresFix,
+    Refine,
+    resolve_hires,
+    resolve_refine,
+)
 from sdcog.write.infotext import JPEG_PROMPT_BYTES, prompt_lines_utf16_bytes
 
 SIZE_MIN, SIZE_MAX = 64, 2048
@@ -72,6 +83,11 @@ class Mode(StrEnum):
     INPAINT = "inpaint"
 
 
+NO_REFINER_LOADED = (
+    "no refiner is loaded: run `script/download-weights --refiner` (or set REFINER_WEIGHTS) and restart"
+)
+
+
 @dataclass(frozen=True)
 class ModelLimits:
     """What the loaded model contributes to request resolution."""
@@ -83,6 +99,8 @@ class ModelLimits:
     """A few-step model's kind (sdcog/resolve/few_step.py): its defaults fill omitted inputs."""
     inpainting: bool = False
     """An inpainting model (9-channel UNet): every mode runs through its inpainting pipeline."""
+    refiner_missing: str | None = NO_REFINER_LOADED
+    """Why `refine` is refused (no refiner loaded, not SDXL); None: a refiner is loaded."""
 
 
 @dataclass(frozen=True)
@@ -143,6 +161,17 @@ class GenerationRequest:
     inpainting_model: bool = False
     """The model is an inpainting model: text-to-image and image-to-image run as inpainting of
     the whole canvas."""
+    hires: HiresFix | None = None
+    """A hires fix after the first pass (text-to-image only): the output is `hires.width` x
+    `hires.height`; `width` x `height` is the first pass's size, as AUTOMATIC1111 records it."""
+    refine: Refine | None = None
+    """The SDXL refiner's pass after the base's (expert ensemble or base image)."""
+    apply_watermark: bool = True
+    """An invisible watermark in each image of 256 px and more (sdcog/write/watermark.py)."""
+
+    @property
+    def output_size(self) -> tuple[int, int]:
+        return (self.hires.width, self.hires.height) if self.hires else (self.width, self.height)
 
     @property
     def seeds(self) -> list[int]:
@@ -227,6 +256,14 @@ def resolve_request(
     canny_high_threshold: int = DEFAULT_CANNY_HIGH,
     return_control_maps: bool = False,
     clip_skip: int = 1,
+    hires_scale: float = 1.0,
+    hires_steps: int | None = None,
+    hires_denoising_strength: float = DEFAULT_HIRES_STRENGTH,
+    hires_upscaler: str = DEFAULT_HIRES_UPSCALER,
+    refine: str = NO_REFINER,
+    high_noise_frac: float = DEFAULT_HIGH_NOISE_FRAC,
+    refine_steps: int | None = None,
+    apply_watermark: bool = True,
 ) -> GenerationRequest:
     """Check every input and fill every default; raises InputError on the first broken rule.
 
@@ -262,14 +299,6 @@ def resolve_request(
     if return_control_maps and not controls:
         raise InputError("return_control_maps", "is set but no ControlNet is used (controlnet_1 ...)")
     num_outputs = check_int("num_outputs", num_outputs, NUM_OUTPUTS_MIN, NUM_OUTPUTS_MAX)
-    pixels = width * height * num_outputs
-    if pixels > family.pixel_budget:
-        raise InputError(
-            "width/height/num_outputs",
-            f"{width} x {height} x {num_outputs} = {pixels:,} pixels is over the "
-            f"{family.pixel_budget:,}-pixel budget of {family.label} models; "
-            "ask for a smaller size or fewer outputs",
-        )
     loras = _replicate_weights(replicate_weights) + _resolve_loras(lora_weights, lora_scales)
     few_step = model.few_step or few_step_of_loras([lora.reference.text for lora in loras])
     if num_inference_steps is None:
@@ -280,6 +309,37 @@ def resolve_request(
     scheduler = check_choice("scheduler", scheduler, SCHEDULER_CHOICES)
     if scheduler == MODEL_DEFAULT:
         scheduler = few_step.scheduler if few_step else DEFAULT_SCHEDULER
+    hires = resolve_hires(
+        hires_scale,
+        hires_steps,
+        hires_denoising_strength,
+        hires_upscaler,
+        (width, height),
+        num_inference_steps,
+        mode == Mode.TEXT_TO_IMAGE,
+    )
+    if hires and model.inpainting:
+        raise InputError("hires_scale", "hires fix needs a text-to-image model; this is an inpainting model")
+    refined = resolve_refine(
+        refine, high_noise_frac, refine_steps, num_inference_steps, model.refiner_missing
+    )
+    if refined and hires:
+        raise InputError("refine", "does not combine with a hires fix here: choose one second pass")
+    if refined and refined.mode == EXPERT_ENSEMBLE and controls:
+        raise InputError(
+            "refine", "expert_ensemble_refiner does not combine with ControlNets; use base_image_refiner"
+        )
+    final_width, final_height = (hires.width, hires.height) if hires else (width, height)
+    pixels = final_width * final_height * num_outputs
+    if pixels > family.pixel_budget:
+        sizes = "hires_scale/width/height/num_outputs" if hires else "width/height/num_outputs"
+        raise InputError(
+            sizes,
+            f"{final_width} x {final_height} x {num_outputs} = {pixels:,} pixels is over the "
+            f"{family.pixel_budget:,}-pixel budget of {family.label} models; "
+            "ask for a smaller size or fewer outputs",
+        )
+    require_type("apply_watermark", apply_watermark, (bool,), "true or false")
     require_type("guidance_scale", guidance_scale, (int, float), "a number")
     check_range("guidance_scale", guidance_scale, GUIDANCE_MIN, GUIDANCE_MAX)
     require_type("disable_safety_checker", disable_safety_checker, (bool,), "true or false")
@@ -319,6 +379,9 @@ def resolve_request(
         few_step=few_step,
         clip_skip=check_int("clip_skip", clip_skip, CLIP_SKIP_MIN, CLIP_SKIP_MAX),
         inpainting_model=model.inpainting,
+        hires=hires,
+        refine=refined,
+        apply_watermark=apply_watermark,
     )
 
 

@@ -36,6 +36,7 @@ from sdcog.generate.generation import Generation
 from sdcog.generate.safety import SafetyVerdict
 from sdcog.resolve.request import GenerationRequest, Mode
 from sdcog.resolve.schedulers import SCHEDULERS
+from sdcog.write import watermark
 from sdcog.write.infotext import format_infotext
 
 if TYPE_CHECKING:  # only a type here: loras imports diffusers, which encoding does not need
@@ -143,6 +144,7 @@ def generation_infotext(
     embeddings: Sequence[AppliedEmbedding] = (),
     controlnets: Sequence[LoadedControlNet] = (),
     model_hash: str | None = None,
+    watermark: str | None = None,
 ) -> str:
     """The infotext of one image of `request`, generated from `seed` (`safety`: the checker's verdict;
     `loras`: the LoRAs applied, as AUTOMATIC1111's `Lora hashes`, with their scales; `embeddings`:
@@ -169,6 +171,9 @@ def generation_infotext(
         fields["Mask blur"] = MASK_BLUR_PX
     if request.outpaint:
         fields["Outpaint"] = request.outpaint.describe()
+    for second_pass in (request.hires, request.refine):
+        if second_pass:
+            fields.update(second_pass.infotext())
     if loras:
         fields["Lora hashes"] = ", ".join(f"{lora.name}: {lora.hash}" for lora in loras)
         fields["Lora scales"] = ", ".join(f"{lora.name}: {lora.scale:g}" for lora in loras)
@@ -177,6 +182,7 @@ def generation_infotext(
     for index, controlnet in enumerate(controlnets):
         fields[f"ControlNet {index}"] = controlnet_infotext(controlnet)
     fields["Safety checker"] = None if safety is None else safety.label
+    fields["Watermark"] = watermark
     fields["Version"] = f"sdcog {__version__}"
     return format_infotext(request.prompt, request.negative_prompt, fields)
 
@@ -214,8 +220,11 @@ def write_outputs(
     exact = exact_texts_json(request.prompt, request.negative_prompt)
 
     def encode(index: int) -> Path:
+        image, mark = images[index], None
+        if request.apply_watermark:
+            mark, image = watermark.infotext(image), watermark.apply_watermark(image)
         return save_image(
-            images[index],
+            image,
             output_path(directory, index, request.output_format),
             request.output_format,
             request.output_quality,
@@ -228,6 +237,7 @@ def write_outputs(
                 embeddings,
                 generation.controlnets,
                 model_hash,
+                mark,
             ),
             exact,
         )
