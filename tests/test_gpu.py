@@ -190,3 +190,14 @@ def test_a_single_file_checkpoint_on_the_gpu_draws_what_its_folder_draws(gpu_eng
     assert engine.pipeline.unet.dtype == gpu_engines["tiny-sd15"].pipeline.unet.dtype
     assert engine.pipeline.unet.device.type == "cuda"
     assert np.abs(pixels(engine) - pixels(gpu_engines["tiny-sd15"])).max() <= 1
+
+
+def test_second_passes_in_half_precision_give_the_float32_images(tiny_sdxl, tmp_path, monkeypatch):
+    """The refiner (expert ensemble: latents handed over in half precision) and a hires fix (the
+    latents resized on the GPU) against the same requests on the CPU in float32."""
+    from sdcog_tools.random_pipelines import save_pipeline
+
+    monkeypatch.setenv("REFINER_WEIGHTS", str(save_pipeline("tiny-sdxl-refiner", tmp_path / "refiner")))
+    on_gpu, on_cpu = Engine.load(tiny_sdxl, CUDA), Engine.load(tiny_sdxl, torch.device("cpu"))
+    for inputs in (dict(refine="expert_ensemble_refiner"), dict(hires_scale=2, hires_denoising_strength=0.5)):
+        assert close(pixels(on_gpu, **inputs), pixels(on_cpu, **inputs)), inputs

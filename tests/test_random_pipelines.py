@@ -152,9 +152,12 @@ def _pipeline(preset, real_size):
 @pytest.mark.parametrize("preset", sorted(PRESETS))
 def test_text_encoder_configs_match_their_tokenizers(preset, real_size):
     pipeline = _pipeline(preset, real_size)
-    pairs = [(pipeline.tokenizer, pipeline.text_encoder)]
-    if isinstance(pipeline, StableDiffusionXLPipeline):
-        pairs.append((pipeline.tokenizer_2, pipeline.text_encoder_2))
+    pairs = [
+        (getattr(pipeline, f"tokenizer{suffix}", None), getattr(pipeline, f"text_encoder{suffix}", None))
+        for suffix in ("", "_2")
+    ]
+    pairs = [(tokenizer, encoder) for tokenizer, encoder in pairs if encoder is not None]  # a refiner has one
+    assert pairs
     for tokenizer, encoder in pairs:
         config = encoder.config
         # CLIP's pooled output is read at the first eos_token_id: it must be the tokenizer's
