@@ -47,6 +47,7 @@ from sdcog.generate.generation import Generation
 from sdcog.generate.progress import StepProgress
 from sdcog.heap import HeapTrimmer
 from sdcog.model.acceleration import COMPILE_ENV, COMPILE_MODES, compile_mode
+from sdcog.model.families import SDXL, detect_family
 from sdcog.model.weights import PROJECT_ROOT, WEIGHTS_ENV
 from sdcog.resolve.request import resolve_request
 from sdcog.resolve.schedulers import DEFAULT_SCHEDULER, SCHEDULERS
@@ -376,6 +377,9 @@ def load_both(directory: Path, device: torch.device, sync: Callable[[], None]) -
             local_files_only=True,
             use_safetensors=True,
             variant=fp16_variant(directory) or None,
+            # SDXL pipelines add their own watermark when invisible-watermark is installed; the
+            # project's engine does not (it is added when files are written): compare like for like.
+            **({"add_watermarker": False} if detect_family(directory) is SDXL else {}),
         ).to(device)
     sync()
     loaded = time.perf_counter()

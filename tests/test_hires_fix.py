@@ -146,3 +146,23 @@ def test_hires_inputs_are_refused_naming_the_field(engine):
         with pytest.raises(InputError) as refused:
             resolve_request(engine.limits, prompt="a red circle", **inputs)
         assert refused.value.field == field, inputs
+
+
+@pytest.mark.parametrize("preset", ["tiny-sd15", "tiny-sdxl"])
+def test_every_family_takes_each_upscaler_to_the_final_size(preset, tiny_pipelines):
+    engine = Engine.load(tiny_pipelines[preset])
+    for upscaler in ("Latent", "Latent (bicubic)", "Latent (nearest-exact)", "Lanczos", "Nearest"):
+        request = resolve_request(
+            engine.limits,
+            prompt="a red circle",
+            width=64,
+            height=72,
+            seed=2,
+            num_outputs=2,
+            num_inference_steps=4,
+            hires_scale=1.5,
+            hires_upscaler=upscaler,
+        )
+        assert request.output_size == (96, 104)  # 72 x 1.5 = 108, down to a multiple of 8
+        images = engine.generate(request).images
+        assert [image.size for image in images] == [(96, 104)] * 2, upscaler
