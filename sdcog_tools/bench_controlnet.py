@@ -161,10 +161,15 @@ def main(argv: list[str] | None = None) -> int:
             "verdict": verdict,
         }
         del controlnet
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=1) + "\n")
+    save_results(args.json, results)
     return 0
+
+
+def save_results(path: Path | None, results: dict) -> None:
+    """A bench's figures as JSON at `path` (`--json`), when given."""
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(results, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from sdcog.fetch.adapter_cache import FetchedAdapters
 from sdcog.generate.engine import Engine
 from sdcog.generate.refiner import REFINER_ENV
 from sdcog.resolve.request import resolve_request
-from sdcog_tools.bench_controlnet import timed
+from sdcog_tools.bench_controlnet import save_results, timed
 from sdcog_tools.random_pipelines import SDXL_SCHEDULER, save_pipeline
 
 TARGET = 0.15
@@ -113,9 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         "verdict": "PASS" if added <= TARGET else "FAIL",
     }
     print(json.dumps(results, indent=2))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=1) + "\n")
+    save_results(args.json, results)
     return 0
 
 

@@ -260,6 +260,23 @@ def _tiny_sd15() -> DiffusionPipeline:
     )
 
 
+def _tiny_xl_unet(cross_attention_dim: int, micro_conditions: int, pooled: int) -> UNet2DConditionModel:
+    """A tiny SDXL-style UNet: `text_time` embeds `micro_conditions` numbers (the base's six: sizes
+    and crop; the refiner's five: with the aesthetic score instead of the target size) and the
+    pooled text embedding (`pooled` wide)."""
+    time_embed_dim = 8
+    return UNet2DConditionModel(
+        **_TINY_UNET,
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        transformer_layers_per_block=(1, 2),
+        cross_attention_dim=cross_attention_dim,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_embed_dim,
+        projection_class_embeddings_input_dim=micro_conditions * time_embed_dim + pooled,
+    )
+
+
 def _tiny_sdxl(second_width: int = 32) -> DiffusionPipeline:
     """SDXL at tiny size. `second_width`: the second text encoder's width (tiny-sdxl: 32, as the
     first; tiny-sdxl-distinct-encoders: 64, as the real ones differ: CLIP-L 768, OpenCLIP bigG
@@ -267,19 +284,9 @@ def _tiny_sdxl(second_width: int = 32) -> DiffusionPipeline:
     tokenizer, tokenizer_2 = make_tokenizer(), make_tokenizer(pad_token="!")
     first = dict(_TINY_CLIP, projection_dim=32)
     second = dict(first, hidden_size=second_width)
-    time_embed_dim = 8
     return StableDiffusionXLPipeline(
-        unet=UNet2DConditionModel(
-            **_TINY_UNET,
-            attention_head_dim=(2, 4),
-            use_linear_projection=True,
-            transformer_layers_per_block=(1, 2),
-            cross_attention_dim=first["hidden_size"] + second["hidden_size"],  # both, concatenated
-            addition_embed_type="text_time",
-            addition_time_embed_dim=time_embed_dim,
-            # six micro-conditioning numbers (sizes, crop) embedded, plus the pooled text embedding
-            projection_class_embeddings_input_dim=6 * time_embed_dim + second["projection_dim"],
-        ),
+        # both text encoders' states, concatenated; six micro-conditioning numbers (sizes, crop)
+        unet=_tiny_xl_unet(first["hidden_size"] + second["hidden_size"], 6, second["projection_dim"]),
         vae=_tiny_vae(force_upcast=True),
         text_encoder=CLIPTextModel(text_config(tokenizer, None, **first)),
         text_encoder_2=CLIPTextModelWithProjection(text_config(tokenizer_2, None, **second)),
@@ -329,18 +336,8 @@ def _tiny_sdxl_refiner() -> DiffusionPipeline:
     are saved as the real repository has them; the project loads only its UNet."""
     tokenizer_2 = make_tokenizer(pad_token="!")
     text = dict(_TINY_CLIP, projection_dim=32)
-    time_embed_dim = 8
     return StableDiffusionXLImg2ImgPipeline(
-        unet=UNet2DConditionModel(
-            **_TINY_UNET,
-            attention_head_dim=(2, 4),
-            use_linear_projection=True,
-            transformer_layers_per_block=(1, 2),
-            cross_attention_dim=text["hidden_size"],
-            addition_embed_type="text_time",
-            addition_time_embed_dim=time_embed_dim,
-            projection_class_embeddings_input_dim=5 * time_embed_dim + text["projection_dim"],
-        ),
+        unet=_tiny_xl_unet(text["hidden_size"], 5, text["projection_dim"]),
         vae=_tiny_vae(force_upcast=True),
         text_encoder=None,
         text_encoder_2=CLIPTextModelWithProjection(text_config(tokenizer_2, None, **text)),

@@ -6,6 +6,7 @@ import io
 
 import pytest
 from PIL import Image
+from test_http import assert_refused
 
 from sdcog.write.infotext import parse_infotext_fields
 
@@ -49,10 +50,4 @@ REFUSED = [
 
 @pytest.mark.parametrize(("bad", "status", "named"), REFUSED, ids=[str(bad) for bad, _, _ in REFUSED])
 def test_each_new_input_is_refused_naming_it(bundled_server, bad, status, named):
-    response = bundled_server.predict({**BASE, **bad})
-    assert response.status_code == status
-    body = response.json()
-    if status == 422:
-        assert any(named in detail["loc"] for detail in body["detail"]), body
-    else:
-        assert body["status"] == "failed" and named in body["error"], body
+    assert_refused(bundled_server, bad, status, named)
