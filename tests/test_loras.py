@@ -389,3 +389,40 @@ def test_through_the_http_server_loras_and_embeddings_are_fetched_once_and_named
     headers = [headers for path, headers in server.requests if path == "/owner/style-model/_weights"][-1]
     assert headers.get("Authorization") == f"Bearer {secret}"
     assert secret not in json.dumps(with_token)  # not in the logs, nor in the echoed input
+
+
+def test_a_bare_hugging_face_repository_is_listed_once_and_an_unreachable_hub_is_refused_at_once(
+    monkeypatch,
+):
+    """`huggingface.co/owner/repo` without a file: the repository's one .safetensors (or the LoRA's usual name
+    among several) is found by one real huggingface_hub call against a local hub."""
+    import socket
+    import time
+
+    from hub_server import HubServer
+
+    from sdcog.fetch.adapter_references import LORA, parse_reference, resolve_download
+
+    with HubServer() as hub:
+        hub.add_repo("owner/one", {"style.safetensors": b"x", "README.md": b"#"})
+        hub.add_repo("owner/two", {"a.safetensors": b"x", "pytorch_lora_weights.safetensors": b"y"})
+        hub.add_repo("owner/none", {"README.md": b"#"})
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+
+        def resolved(text):
+            return resolve_download(LORA, parse_reference("lora_weights", text))
+
+        assert resolved("huggingface.co/owner/one").endswith("/owner/one/resolve/main/style.safetensors")
+        assert resolved("huggingface.co/owner/two").endswith("/pytorch_lora_weights.safetensors")
+        with pytest.raises(InputError, match="owner/none has no .safetensors file"):
+            resolved("huggingface.co/owner/none")
+        with pytest.raises(InputError, match=r"lora_weights: cannot list .*owner/missing \(HTTP 401\)"):
+            resolved("huggingface.co/owner/missing")
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{closed.getsockname()[1]}")
+    closed.close()
+    started = time.perf_counter()
+    with pytest.raises(InputError, match="lora_weights: cannot reach Hugging Face"):
+        resolve_download(LORA, parse_reference("lora_weights", "huggingface.co/owner/one"))
+    assert time.perf_counter() - started < 3  # was 23 s: huggingface_hub's listing retried 5 times

@@ -164,6 +164,10 @@ def hub_file_url(repository: str, file: str, revision: str | None = None) -> str
     return hf_hub_url(repository, file, revision=revision or "main", endpoint=hf_endpoint())
 
 
+HUB_TIMEOUT_S = 20.0
+"""How long listing a Hugging Face repository may take (one request, no retries)."""
+
+
 def _single_safetensors_file(
     kind: AdapterKind, reference: AdapterReference, revision: str, token: str | None
 ) -> str:
@@ -172,9 +176,12 @@ def _single_safetensors_file(
 
     field = kind.field
     try:
-        files = HfApi(endpoint=hf_endpoint()).list_repo_files(
-            reference.location, revision=revision, token=token or False
+        # The repository's info lists its files in one request; list_repo_files would page through
+        # huggingface_hub's backoff, which retried an unreachable hub for 23 s before refusing.
+        info = HfApi(endpoint=hf_endpoint()).model_info(
+            reference.location, revision=revision, token=token or False, timeout=HUB_TIMEOUT_S
         )
+        files = [sibling.rfilename for sibling in info.siblings or []]
     except HfHubHTTPError as error:
         status = getattr(error.response, "status_code", "?")
         raise InputError(
