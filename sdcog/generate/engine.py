@@ -321,8 +321,12 @@ class Engine:
                 if has_second_pass(request) and not _failed(output):
                     for steps in progress.values():
                         steps.earlier, steps.later = steps.done, 0
-                    pipeline, call = self._second_call(live, output, arguments, active)
-                    output = _run_or_stopped_or_out_of_memory(pipeline, call)
+                    try:
+                        pipeline, call = self._second_call(live, output, arguments, active)
+                    except Exception as error:  # answered as the call's own errors are
+                        output = error
+                    else:
+                        output = _run_or_stopped_or_out_of_memory(pipeline, call)
         if output is _STOPPED:
             return deferred
         if output is _OUT_OF_MEMORY:
