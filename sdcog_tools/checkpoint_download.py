@@ -33,7 +33,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from sdcog.fetch.adapter_references import hf_endpoint
-from sdcog.model.safetensors_files import NotSafetensors, read_header, sha256_of
+from sdcog.model.safetensors_files import NotSafetensors, described_size, read_header, sha256_of
 from sdcog.model.weights import DEFAULT_WEIGHTS_DIR, SOURCE_FILE, WeightsError, read_source
 from sdcog_tools.checkpoint_references import (
     DownloadError,
@@ -61,15 +61,7 @@ def verify(
     DownloadError says why. `known_sha256`: the file's, already computed."""
     try:
         problem = None
-        length, header = read_header(path)
-        end = 0
-        for name, entry in header.items():
-            if name == "__metadata__":
-                continue
-            if not isinstance(entry, dict) or not isinstance(entry.get("data_offsets"), list):
-                raise NotSafetensors(f"its header entry {name!r} is not a tensor")
-            end = max(end, int(entry["data_offsets"][1]))
-        size, expected = path.stat().st_size, 8 + length + end
+        size, expected = path.stat().st_size, described_size(*read_header(path))
         if size != expected:
             problem = (
                 f"it is {size:,} bytes but its header describes {expected:,} "

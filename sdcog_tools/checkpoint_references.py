@@ -12,7 +12,7 @@ from pathlib import Path
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 from sdcog.fetch.adapter_references import hf_endpoint
-from sdcog.model.checkpoints import FEW_STEP_SETTING, PICKLE_SUFFIXES, PREDICTION_SETTING
+from sdcog.model.checkpoints import FEW_STEP_SETTING, PREDICTION_SETTING, is_pickle_name
 
 CHECKPOINT_SUFFIX = ".safetensors"
 HUB_HOSTS = ("huggingface.co", "www.huggingface.co", "hf.co")
@@ -93,10 +93,6 @@ def redact(url: str) -> str:
         if k.lower() not in SECRET_PARAMETERS
     ]
     return urlunsplit(parts._replace(query=urlencode(query)))
-
-
-def is_pickle_name(name: str) -> bool:
-    return name.lower().endswith(PICKLE_SUFFIXES)
 
 
 def pickle_refusal(name: str) -> DownloadError:

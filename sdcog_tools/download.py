@@ -21,7 +21,7 @@ from sdcog.generate.controlnets import BAKED_CONTROLNETS_DIR, CONFIG_FILE, baked
 from sdcog.generate.refiner import BAKED_REFINER_DIR
 from sdcog.model.checkpoints import PREDICTION_TYPES
 from sdcog.model.families import detect_family
-from sdcog.model.safetensors_files import NotSafetensors, read_header
+from sdcog.model.safetensors_files import NotSafetensors, described_size, read_header
 from sdcog.model.weights import (
     DEFAULT_MODEL_ID,
     DEFAULT_WEIGHTS_DIR,
@@ -60,8 +60,12 @@ def _fetch(repository: str, name: str, out: Path, token: str | None) -> Path:
 
 
 def _verified_safetensors(path: Path) -> None:
+    """A downloaded weights file that is not a whole safetensors file (its header parses and the
+    file ends where the header says) is deleted and refused."""
     try:
-        read_header(path)
+        size, expected = path.stat().st_size, described_size(*read_header(path))
+        if size != expected:
+            raise NotSafetensors(f"{size:,} bytes, its header describes {expected:,}")
     except NotSafetensors as error:
         path.unlink(missing_ok=True)
         raise DownloadError(

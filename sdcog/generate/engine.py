@@ -432,7 +432,7 @@ class Engine:
             request.scheduler,
             loaded.scheduler.config,
             request.num_inference_steps,
-            request.few_step.timestep_spacing if request.few_step else None,
+            request.timestep_spacing,
         )
         # Constructor settings that are config values, not modules (requires_safety_checker,
         # force_zeros_for_empty_prompt, ...), carried over from the loaded pipeline.

@@ -1,9 +1,10 @@
 """Running a second pass (hires fix, the SDXL refiner) on the first pass's output.
 
 `first_pass_arguments` changes the first call so that it hands over what the second needs (its
-latents; with the expert ensemble, stopping at `high_noise_frac`), and `second_pass` builds the
-second call around the same shared modules: the request's own image-to-image pipeline at the
-final size for a hires fix, the refiner (sdcog/generate/refiner.py) for `refine`. The step
+latents; with the expert ensemble, stopping at `high_noise_frac`), and `hires_call` or
+`refiner_call` builds the second call around the same shared modules: the request's own
+image-to-image pipeline at the final size for a hires fix, the refiner
+(sdcog/generate/refiner.py) for `refine`. The step
 callback is the first call's, so progress counts both passes and a cancel stops either.
 """
 
@@ -122,10 +123,7 @@ def refiner_call(
     embeddings of both encoders."""
     refine = request.refine
     scheduler = build_scheduler(
-        request.scheduler,
-        refiner.scheduler.config,
-        refine.steps,
-        request.few_step.timestep_spacing if request.few_step else None,
+        request.scheduler, refiner.scheduler.config, refine.steps, request.timestep_spacing
     )
     pipeline = type(refiner)(**{**refiner.components, "scheduler": scheduler}, **_settings(refiner))
     pipeline.set_progress_bar_config(disable=True)

@@ -37,8 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sdcog.model.families import SD1, SD2, SDXL, ModelFamily
-from sdcog.model.safetensors_files import NotSafetensors, read_header
-from sdcog.model.weights import SOURCE_FILE, WEIGHTS_SUFFIX, WeightsError
+from sdcog.model.safetensors_files import NotSafetensors, described_size, read_header
+from sdcog.model.weights import SOURCE_FILE, WEIGHTS_SUFFIX, WeightsError, json_problem, read_source
 from sdcog.resolve.few_step import FewStep, few_step_from_name, parse_setting
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
@@ -106,9 +106,13 @@ class CheckpointInfo:
         )
 
 
+def is_pickle_name(name: str) -> bool:
+    return name.lower().endswith(PICKLE_SUFFIXES)
+
+
 def looks_like_pickle(path: Path) -> bool:
     """A pickle checkpoint by its name or by its first bytes (torch's zip container, or a pickle)."""
-    if path.suffix.lower() in PICKLE_SUFFIXES:
+    if is_pickle_name(path.name):
         return True
     try:
         with path.open("rb") as file:
@@ -155,7 +159,7 @@ def find_checkpoint(directory: Path, source: Mapping[str, object]) -> Path | Non
         )
     if candidates:
         return candidates[0]
-    pickles = sorted(path for path in directory.iterdir() if path.suffix.lower() in (".ckpt", ".pt", ".pth"))
+    pickles = sorted(path for path in directory.iterdir() if is_pickle_name(path.name) and path.is_file())
     if pickles and not (directory / "unet").is_dir():
         raise pickle_error(pickles[0])
     return None
@@ -172,14 +176,13 @@ def _tensor_entries(path: Path) -> tuple[dict[str, list[int]], dict[str, str]]:
             f"{path} is not a safetensors checkpoint ({error}): an error page or another format "
             "saved under the name? Download it again."
         ) from error
+    try:
+        expected = described_size(length, header)
+    except NotSafetensors as error:
+        raise WeightsError(f"{path}: {error}: a damaged file") from error
     metadata = header.pop("__metadata__", None) or {}
-    shapes, end = {}, 0
-    for name, entry in header.items():
-        if not isinstance(entry, dict) or "data_offsets" not in entry:
-            raise WeightsError(f"{path}: header entry {name!r} is not a tensor: a damaged file")
-        shapes[name] = list(entry.get("shape", []))
-        end = max(end, int(entry["data_offsets"][1]))
-    size, expected = path.stat().st_size, 8 + length + end
+    shapes = {name: list(entry.get("shape", [])) for name, entry in header.items()}
+    size = path.stat().st_size
     if size != expected:
         raise WeightsError(
             f"{path} is {'truncated' if size < expected else 'longer than its header says'}: "
@@ -238,17 +241,14 @@ def _family(path: Path, shapes: Mapping[str, list[int]]) -> tuple[ModelFamily, s
     )
 
 
-def _beside(path: Path) -> tuple[dict, dict]:
-    """sdcog-source.json and the scheduler config beside a checkpoint (empty when absent)."""
-
-    def read(file: Path) -> dict:
-        try:
-            value = json.loads(file.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return {}
-        return value if isinstance(value, dict) else {}
-
-    return read(path.parent / SOURCE_FILE), read(path.parent / "scheduler" / "scheduler_config.json")
+def _beside(directory: Path) -> tuple[dict, dict]:
+    """sdcog-source.json and the scheduler config in a weights directory (empty when absent or
+    unreadable: inspect_weights names a damaged one)."""
+    scheduler_file = directory / "scheduler" / "scheduler_config.json"
+    scheduler = {}
+    if scheduler_file.is_file() and json_problem(scheduler_file) is None:
+        scheduler = json.loads(scheduler_file.read_text(encoding="utf-8"))
+    return read_source(directory)[0], scheduler if isinstance(scheduler, dict) else {}
 
 
 def _setting(
@@ -308,7 +308,7 @@ def _few_step(
 def folder_few_step(directory: Path, environ: Mapping[str, str] = os.environ) -> tuple[FewStep | None, str]:
     """A diffusers folder's few-step kind, by the rules for a file without metadata: the setting,
     an LCMScheduler config, then the name it was downloaded by (e.g. stabilityai/sdxl-turbo)."""
-    source, scheduler = _beside(directory / "model_index.json")
+    source, scheduler = _beside(directory)
     name = str(source.get("model_id") or directory.resolve().name)
     setting = _setting(environ, source, FEW_STEP_SETTING, "few_step")
     return _few_step(Path(name.replace("/", "--")), {}, setting, scheduler)
@@ -330,7 +330,7 @@ def inspect_checkpoint(path: Path, environ: Mapping[str, str] = os.environ) -> C
             f"{path}: its UNet takes {channels} input channels, not 4 (text-to-image) or 9 "
             "(inpainting): another kind of model (an upscaler or a depth-to-image model?)"
         )
-    source, scheduler = _beside(path)
+    source, scheduler = _beside(path.parent)
     prediction_type, prediction_reason = _prediction_type(
         shapes, metadata, _setting(environ, source, PREDICTION_SETTING, "prediction_type"), scheduler
     )

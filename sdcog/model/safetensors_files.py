@@ -40,6 +40,19 @@ def read_header(path: Path) -> tuple[int, dict]:
     return length, header
 
 
+def described_size(length: int, header: dict) -> int:
+    """The file size a safetensors header describes: 8 + the header + the end of its last tensor's
+    data (a whole file has exactly this size). NotSafetensors when an entry is not a tensor."""
+    end = 0
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        if not isinstance(entry, dict) or not isinstance(entry.get("data_offsets"), list):
+            raise NotSafetensors(f"its header entry {name!r} is not a tensor")
+        end = max(end, int(entry["data_offsets"][1]))
+    return 8 + length + end
+
+
 def sha256_of(path: Path, start: int = 0) -> str:
     """The sha256 of the file's bytes from `start` on, in hex."""
     digest = hashlib.sha256()

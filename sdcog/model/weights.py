@@ -21,9 +21,12 @@ import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from sdcog.pinned_internals import relies_on_internals
+
+if TYPE_CHECKING:  # checkpoints.py builds on this module
+    from sdcog.model.checkpoints import CheckpointInfo
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]  # sdcog/model/weights.py -> the project
 DEFAULT_WEIGHTS_DIR = PROJECT_ROOT / "weights"
@@ -52,7 +55,7 @@ class WeightsInfo:
     variant: str | None
     """The weights variant to load ("fp16" or None): the one sdcog-source.json records, else "fp16"
     when the model components have `*.fp16.safetensors` files (or an fp16 shard index)."""
-    checkpoint: Any = None
+    checkpoint: CheckpointInfo | None = None
     """The single-file checkpoint's `CheckpointInfo` (sdcog/model/checkpoints.py); None for a
     diffusers pipeline folder."""
 

@@ -170,6 +170,11 @@ class GenerationRequest:
     """An invisible watermark in each image of 256 px and more (sdcog/write/watermark.py)."""
 
     @property
+    def timestep_spacing(self) -> str | None:
+        """The few-step kind's spacing ("trailing"), over any scheduler's own; None keeps it."""
+        return self.few_step.timestep_spacing if self.few_step else None
+
+    @property
     def output_size(self) -> tuple[int, int]:
         return (self.hires.width, self.hires.height) if self.hires else (self.width, self.height)
 
