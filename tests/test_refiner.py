@@ -157,3 +157,24 @@ def test_download_weights_bakes_only_the_refiners_unet_which_then_loads(
         name.startswith(("vae/", "text_encoder_2/")) and name.endswith(".safetensors") for name in fetched
     )
     assert load(tiny_sdxl, baked).refiner is not None
+
+
+@pytest.mark.parametrize("second_pass", [dict(refine="expert_ensemble_refiner"), dict(hires_scale=2)])
+def test_a_batch_of_second_passes_gives_each_request_its_lone_pixels(engine, second_pass):
+    """Several clients at once: requests with the same second pass run as one batch, each with its
+    own prompt and seeds in both passes, and each gets what it would alone (to rounding)."""
+    from sdcog.generate.batching import Batcher
+
+    requests = [
+        resolve_request(
+            engine.limits, prompt=prompt, width=64, height=64, seed=seed, num_inference_steps=8, **second_pass
+        )
+        for prompt, seed in (("a red circle", 3), ("a blue square", 9))
+    ]
+    jobs = Batcher(engine, batching=True).submit_all([(request, None) for request in requests])
+    batched = [np.asarray(job.future.result().images[0], dtype=np.int16) for job in jobs]
+    assert [job.batch_size for job in jobs] == [2, 2]
+    for request, together in zip(requests, batched, strict=True):
+        alone = np.asarray(engine.generate(request).images[0], dtype=np.int16)
+        assert np.abs(together - alone).max() <= 2
+    assert np.abs(batched[0] - batched[1]).mean() > 1
